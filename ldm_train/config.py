@@ -1,0 +1,296 @@
+"""Typed configuration: one pydantic section per component, YAML files, dotted overrides.
+
+Every section refuses unknown keys and wrong types (``extra="forbid"``, ``strict=True``).
+Builders take their own section only (``build_unet(cfg.model)``), never the whole config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the source."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RunConfig(Section):
+    """Where outputs go. Every stage writes below ``dir``; see README "Where outputs go"."""
+
+    dir: str = "runs/demo"
+    seed: int = 0
+
+
+class EmojiDataConfig(Section):
+    """The built-in dataset: Noto Color Emoji glyphs captioned with their English names."""
+
+    font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+    resolution: int = Field(64, gt=0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    shard_size: int = Field(1000, gt=0)
+    limit: int | None = None  # keep the first N emoji only (tests, micro demo)
+
+
+class DataConfig(Section):
+    """Image-caption WebDataset shards (img2dataset layout: KEY.png|jpg|webp, KEY.txt, KEY.json).
+
+    ``*_shards`` is a folder (every ``*.tar`` in it), a brace pattern (``data/{00000..00099}.tar``)
+    or a ``pipe:`` URL."""
+
+    train_shards: str = "{run}/data/train"
+    val_shards: str = "{run}/data/val"
+    resolution: int = Field(64, gt=0)
+    emoji: EmojiDataConfig = EmojiDataConfig()
+
+
+class VAETrainConfig(Section):
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, gt=0)
+    crop: int | None = 32  # train on random crops (fully convolutional); null = whole images
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    log_every: int = Field(50, gt=0)
+
+
+class AutoencoderConfig(Section):
+    """Stage 1. ``path`` is a diffusers ``AutoencoderKL`` folder: pretrained, or written by train-vae."""
+
+    path: str = "{run}/vae"
+    block_out_channels: list[int] = [16, 32, 64]
+    layers_per_block: int = Field(1, gt=0)
+    latent_channels: int = Field(4, gt=0)
+    norm_num_groups: int = Field(8, gt=0)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    train: VAETrainConfig = VAETrainConfig()
+
+
+class TextConfig(Section):
+    """open_clip text tower, frozen. ``dir`` holds ``open_clip_config.json`` and
+    ``open_clip_model.safetensors``. When it is empty the tower is built from ``model_name`` (an
+    open_clip architecture such as ``ViT-H-14``) or, when that is null, from the tiny
+    ``width/layers/heads`` config; weights come from ``pretrained`` (a local open_clip checkpoint
+    file) or, when null, random init from ``seed`` (the demo's choice, see README). It is then saved
+    to ``dir`` so every later stage reloads exactly the same tower."""
+
+    dir: str = "{run}/text"
+    model_name: str | None = None
+    width: int = Field(128, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    context_length: int = Field(32, gt=0)
+    pretrained: str | None = None
+    seed: int = 1234
+
+
+class LatentsConfig(Section):
+    """The latent cache written by ``encode``; training reads only these shards."""
+
+    dir: str = "{run}/latents"
+    shard_size: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class ModelConfig(Section):
+    """Cross-attention U-Net. ``attention_levels[i]`` puts transformer blocks at level i."""
+
+    in_channels: int = Field(4, gt=0)
+    out_channels: int = Field(4, gt=0)
+    block_out_channels: list[int] = [64, 128, 128]
+    attention_levels: list[bool] = [False, True, True]
+    layers_per_block: int = Field(1, gt=0)
+    attention_head_dim: int = Field(32, gt=0)
+    cross_attention_dim: int = Field(128, gt=0)
+    norm_num_groups: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DiffusionConfig(Section):
+    """DDPM forward process (Ho et al. 2020) and its parameterisation."""
+
+    num_train_timesteps: int = Field(1000, gt=0)
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0)
+    beta_end: float = Field(0.012, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainConfig(Section):
+    """Optimisation of the denoiser."""
+
+    steps: int = Field(3000, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: list[float] = [0.9, 0.999]
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    log_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+
+
+class DistributedConfig(Section):
+    """How the loop runs. Only single-process/DDP exist today; ZeRO stages come with their issue."""
+
+    strategy: Literal["ddp"] = "ddp"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    cpu: bool = False  # force CPU even where a GPU is present
+
+
+class EvalConfig(Section):
+    """Sampling for grids and metrics."""
+
+    sampler: Literal["ddim"] = "ddim"
+    steps: int = Field(50, gt=0)
+    eta: float = Field(0.0, ge=0.0)
+    guidance_scale: float = Field(3.0, ge=0.0)
+    seed: int = 0
+    samples_per_prompt: int = Field(4, gt=0)
+    prompts: list[str] = [
+        "grinning face with big eyes",
+        "red heart",
+        "thumbs up",
+        "cat face",
+        "fire",
+        "rocket",
+    ]
+
+
+class ExportConfig(Section):
+    dir: str = "{run}/export"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    text: TextConfig = TextConfig()
+    latents: LatentsConfig = LatentsConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+    def path(self, template: str) -> Path:
+        """Expand ``{run}`` in a path template; every ``*.dir``/``*.path`` key goes through here."""
+        return Path(template.replace("{run}", self.run.dir))
+
+    def shards(self, template: str) -> str:
+        """Like :meth:`path` for shard specs, which may be brace patterns or ``pipe:`` URLs."""
+        return template.replace("{run}", self.run.dir)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-4`` -> ("train.lr", 1e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip(), value
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return any(c in s.lower() for c in "e.")
+
+
+def _float_fixups(tree: Any) -> Any:
+    """PyYAML reads ``1e-4`` (no dot) as a string; accept it as the float it obviously is."""
+    if isinstance(tree, dict):
+        return {k: _float_fixups(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_float_fixups(v) for v in tree]
+    if isinstance(tree, str) and _looks_like_float(tree) and tree.lower() not in ("nan", "inf"):
+        return float(tree)
+    return tree
+
+
+def _ints_to_floats(tree: dict, model: type[BaseModel]) -> dict:
+    """Strict mode refuses ``lr: 1`` for a float field; an int is a valid float, so widen it."""
+    out = dict(tree)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        ann = field.annotation
+        value = out[name]
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, dict):
+            out[name] = _ints_to_floats(value, ann)
+        elif ann in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif ann == list[float] and isinstance(value, list):
+            out[name] = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or defaults when ``path`` is None), apply dotted overrides, validate.
+
+    Raises :class:`ConfigError` naming each bad key and where it came from.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = _float_fixups(loaded or {})
+    from_override: set[str] = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+        from_override.add(key)
+    try:
+        return Config.model_validate(_ints_to_floats(tree, Config))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            origin = "command-line override" if key in from_override else source
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            else:
+                msg = f"{err['msg']} (got {err.get('input')!r})"
+            lines.append(f"  {key}: {msg}  [in {origin}]")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config (after overrides) so a run folder says how it was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")

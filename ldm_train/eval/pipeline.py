@@ -1,0 +1,110 @@
+"""Everything needed to sample, loaded from a training run folder or from an export folder.
+
+A run folder has ``config.yaml`` and ``checkpoints/``; its latest checkpoint's EMA weights are
+used, with the VAE and text tower named by the run's config. An export folder has
+``model_index.json`` (see ``ldm_train.export``) and nothing outside it is read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from ..autoencoder.vae import load_vae
+from ..config import Config, ConfigError, DiffusionConfig, ModelConfig, load_config
+from ..diffusion import NoiseSchedule, build_schedule
+from ..latents.cache import read_manifest
+from ..model import build_unet
+from ..text.encoder import TextEncoder, load_text_encoder
+from ..train.checkpoint import latest_checkpoint, load_weights
+
+# diffusers spells the cosine schedule of Improved DDPM "squaredcos_cap_v2".
+TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in TO_DIFFUSERS_SCHEDULE.items()}
+
+
+class PipelineError(ValueError):
+    """A path that is neither a run folder with a checkpoint nor an export folder."""
+
+
+@dataclass
+class Pipeline:
+    unet: torch.nn.Module
+    vae: AutoencoderKL
+    text: TextEncoder
+    schedule: NoiseSchedule
+    diffusion: DiffusionConfig
+    latent_shape: list[int]
+    source: str
+
+
+def diffusion_config_from_scheduler(folder: Path) -> DiffusionConfig:
+    raw = json.loads((folder / "scheduler_config.json").read_text())
+    kind = FROM_DIFFUSERS_SCHEDULE.get(raw.get("beta_schedule"))
+    if kind is None:
+        raise PipelineError(f"{folder / 'scheduler_config.json'}: unsupported beta_schedule {raw.get('beta_schedule')!r}")
+    return DiffusionConfig(
+        num_train_timesteps=int(raw["num_train_timesteps"]),
+        beta_schedule=kind,
+        beta_start=float(raw["beta_start"]),
+        beta_end=float(raw["beta_end"]),
+        prediction_type=raw.get("prediction_type", "epsilon"),
+    )
+
+
+def _unet(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], device) -> torch.nn.Module:
+    unet = build_unet(model_cfg)
+    unet.load_state_dict({k: v.float() for k, v in weights.items()})
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def _from_export(folder: Path, device) -> Pipeline:
+    raw = json.loads((folder / "unet" / "config.json").read_text())
+    model_cfg = ModelConfig.model_validate(raw["model"])
+    weights = load_file(str(folder / "unet" / "model.safetensors"))
+    diffusion = diffusion_config_from_scheduler(folder / "scheduler")
+    return Pipeline(
+        _unet(model_cfg, weights, device),
+        load_vae(folder / "vae").to(device),
+        load_text_encoder(folder / "text_encoder").to(device),
+        build_schedule(diffusion),
+        diffusion,
+        raw["latent_shape"],
+        f"export {folder}",
+    )
+
+
+def _from_run(folder: Path, device) -> Pipeline:
+    cfg: Config = load_config(folder / "config.yaml")
+    cfg.run.dir = str(folder)  # "{run}" paths follow the folder wherever it was moved
+    ckpt = latest_checkpoint(folder / "checkpoints")
+    if ckpt is None:
+        raise PipelineError(f"run folder {folder} has no complete checkpoint under checkpoints/; train first")
+    manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
+    return Pipeline(
+        _unet(cfg.model, load_weights(ckpt, "ema"), device),
+        load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),
+        load_text_encoder(cfg.path(cfg.text.dir)).to(device),
+        build_schedule(cfg.diffusion),
+        cfg.diffusion,
+        manifest["latent_shape"],
+        f"run {folder} ({ckpt.name}, EMA)",
+    )
+
+
+def load_pipeline(path: str | Path, device: torch.device) -> Pipeline:
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        return _from_export(folder, device)
+    if (folder / "config.yaml").is_file():
+        try:
+            return _from_run(folder, device)
+        except ConfigError as e:
+            raise PipelineError(f"{folder}/config.yaml: {e}") from None
+    raise PipelineError(
+        f"{folder} is neither an export (model_index.json) nor a run folder (config.yaml + checkpoints/)"
+    )

@@ -1,0 +1,76 @@
+"""``export``: a self-contained folder for inference, independent of the training run folder.
+
+Layout (diffusers-style components, every tensor in safetensors, every config in JSON)::
+
+    export/
+      model_index.json            which component lives where
+      unet/config.json            the ``model`` section + latent shape
+      unet/model.safetensors      EMA weights in the configured dtype
+      vae/                        diffusers AutoencoderKL folder (save_pretrained)
+      text_encoder/               open_clip config + weights (see ldm_train.text)
+      scheduler/scheduler_config.json   a diffusers DDIMScheduler config
+
+The U-Net folder switches to diffusers' ``UNet2DConditionModel`` layout with the U-Net issue.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+from safetensors.torch import save_file
+
+from ..autoencoder.vae import DTYPES
+from ..config import DiffusionConfig, ModelConfig
+from ..eval.pipeline import TO_DIFFUSERS_SCHEDULE
+from ..text.encoder import TextEncoder, save_text_encoder
+
+def scheduler_for(cfg: DiffusionConfig) -> DDIMScheduler:
+    """The diffusers DDIMScheduler equivalent to our schedule and DDIM sampler defaults."""
+    return DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=TO_DIFFUSERS_SCHEDULE[cfg.beta_schedule],
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def export_pipeline(
+    out_dir: Path,
+    model_cfg: ModelConfig,
+    ema_weights: dict[str, torch.Tensor],
+    latent_shape: list[int],
+    vae: AutoencoderKL,
+    text: TextEncoder,
+    diffusion_cfg: DiffusionConfig,
+    dtype: str = "fp32",
+) -> Path:
+    """Write the export folder (atomically: ``<out>.partial`` renamed when complete)."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "unet").mkdir(parents=True)
+    unet_cfg = {"model": model_cfg.model_dump(), "latent_shape": list(latent_shape)}
+    (partial / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2))
+    weights = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in ema_weights.items()}
+    save_file(weights, str(partial / "unet" / "model.safetensors"))
+    vae.save_pretrained(partial / "vae", safe_serialization=True)
+    save_text_encoder(text, partial / "text_encoder", _text_model_cfg(text))
+    scheduler_for(diffusion_cfg).save_config(partial / "scheduler")
+    index = {"_class_name": "ldm_train", "unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "scheduler": "scheduler"}
+    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def _text_model_cfg(text: TextEncoder) -> dict | None:
+    import open_clip
+
+    return open_clip.get_model_config(text.name)

@@ -1,0 +1,162 @@
+"""One function per CLI subcommand. Each takes the validated config, does its stage, writes its
+outputs below the run folder and returns a summary dict (printed by the CLI, collected by the demo).
+
+Where things go (``{run}`` = ``run.dir``)::
+
+    {run}/config.yaml          resolved config of the last stage run here
+    {run}/data/{train,val}/    image-caption shards (``data emoji``)
+    {run}/vae/                 diffusers AutoencoderKL (``train-vae``); {run}/recon.png
+    {run}/text/                frozen open_clip text tower (``encode``)
+    {run}/latents/{train,val}/ latent shards (``encode``)
+    {run}/checkpoints/         U-Net checkpoints (``train``); {run}/loss.png, {run}/metrics.jsonl
+    {run}/export/              inference folder (``export``)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from .autoencoder.train_vae import reconstruct, train_vae
+from .autoencoder.vae import load_vae
+from .config import Config, dump_config
+from .data.emoji import build_emoji_shards
+from .data.shards import SkipReport, load_images
+from .eval.pipeline import load_pipeline
+from .eval.sample import generate
+from .eval.validate import validation_loss
+from .export.export import export_pipeline
+from .latents.cache import load_latents, read_manifest
+from .latents.encode import encode_split
+from .text.encoder import load_text_encoder, prepare_text_encoder
+from .train.checkpoint import latest_checkpoint, load_weights
+from .train.loop import make_accelerator, train_denoiser
+from .utils.images import plot_losses, save_grid
+from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
+
+
+def record_config(cfg: Config, overwrite: bool) -> Path:
+    """Write ``{run}/config.yaml``; refuse to replace one that describes a different run."""
+    path = cfg.path("{run}") / "config.yaml"
+    if path.is_file() and not overwrite:
+        old = yaml.safe_load(path.read_text()) or {}
+        new = cfg.model_dump()
+        diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        if diff:
+            raise OutputExistsError(
+                f"{path} holds a different run (differs in {', '.join(diff[:6])}); "
+                "pass --overwrite to replace it, or set run.dir to a new folder"
+            )
+    dump_config(cfg, path)
+    return path
+
+
+def data_emoji(cfg: Config, out: Path | None, overwrite: bool) -> dict:
+    root = out if out is not None else cfg.path(cfg.data.train_shards).parent
+    return build_emoji_shards(cfg.data.emoji, root / "train", root / "val", overwrite=overwrite)
+
+
+def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
+    record_config(cfg, overwrite)
+    out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
+    device = pick_device(cfg.distributed.cpu)
+    report = SkipReport()
+    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report)
+    log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
+    vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
+    val, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport(), limit=8)
+    originals, recon = reconstruct(vae, val, device)
+    grid = torch.stack([originals, recon], 1).flatten(0, 1)  # original, reconstruction pairs
+    captions = [c for c in val_captions for c in (c, "(reconstruction)")]
+    summary["recon_grid"] = str(save_grid(cfg.path("{run}") / "recon.png", grid, ncols=4, captions=captions))
+    summary["val_rec_l1"] = float((originals - recon).abs().mean())
+    summary["data"] = report.summary()
+    return summary
+
+
+def encode_stage(cfg: Config, overwrite: bool) -> dict:
+    record_config(cfg, overwrite)
+    device = pick_device(cfg.distributed.cpu)
+    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
+    text = prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir)).to(device)
+    root = cfg.path(cfg.latents.dir)
+    summary = {}
+    for split, spec in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+        manifest = encode_split(
+            cfg.shards(spec), root / split, vae, text, cfg.data.resolution,
+            cfg.latents.shard_size, cfg.latents.batch_size, device, overwrite,
+        )
+        summary[split] = {"samples": manifest["samples_written"], "skipped": manifest["report"], "dir": str(root / split)}
+    return summary
+
+
+def train_stage(cfg: Config, overwrite: bool) -> dict:
+    record_config(cfg, overwrite)
+    run = cfg.path("{run}")
+    ckpts = run / "checkpoints"
+    if latest_checkpoint(ckpts) is not None and not overwrite:
+        raise OutputExistsError(
+            f"{ckpts} already holds checkpoints; pass --overwrite to train from scratch "
+            "(resuming arrives with the distributed-training issue)"
+        )
+    prepare_output(ckpts, overwrite, "train")
+    data = load_latents(cfg.path(cfg.latents.dir) / "train")
+    accelerator = make_accelerator(cfg.distributed)
+    log = MetricsLog(run / "metrics.jsonl")
+    model, ema, result = train_denoiser(
+        cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log
+    )
+    curves = {"denoiser loss": result.losses}
+    vae_points = [(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"]
+    if vae_points:
+        curves = {"autoencoder L1": vae_points, **curves}
+    return {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "seconds": result.seconds,
+        "checkpoint": str(result.checkpoint),
+        "loss_plot": str(plot_losses(run / "loss.png", curves)),
+        "device": str(accelerator.device),
+    }
+
+
+def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool) -> dict:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    device = pick_device(cfg.distributed.cpu)
+    pipe = load_pipeline(checkpoint, device)
+    images, captions = generate(pipe, prompts, cfg.eval, device, progress=True)
+    save_grid(out, images, ncols=cfg.eval.samples_per_prompt, captions=captions)
+    return {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
+
+
+def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_prompts: int, overwrite: bool) -> dict:
+    """Held-out denoising loss on the validation latents and a grid of validation captions."""
+    device = pick_device(cfg.distributed.cpu)
+    pipe = load_pipeline(checkpoint, device)
+    val = load_latents(cfg.path(cfg.latents.dir) / "val")
+    prepare_output(out_dir, overwrite, "eval")
+    metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
+    prompts = sorted(set(val.captions))[:num_prompts]
+    images, captions = generate(pipe, prompts, cfg.eval, device)
+    grid = save_grid(out_dir / "val_samples.png", images, ncols=cfg.eval.samples_per_prompt, captions=captions)
+    report = {"source": pipe.source, "val_samples": len(val), **metrics, "grid": str(grid), "eval": cfg.eval.model_dump()}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"export folder {out} already exists; pass --overwrite to replace it")
+    ckpt = latest_checkpoint(cfg.path("{run}") / "checkpoints")
+    if ckpt is None:
+        raise OutputExistsError(f"no checkpoint under {cfg.path('{run}') / 'checkpoints'}; run `ldm-train train` first")
+    manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
+    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype)
+    text = load_text_encoder(cfg.path(cfg.text.dir))
+    export_pipeline(
+        out, cfg.model, load_weights(ckpt, "ema"), manifest["latent_shape"], vae, text, cfg.diffusion, cfg.export.dtype
+    )
+    return {"export": str(out), "from_checkpoint": str(ckpt)}

@@ -1,0 +1,71 @@
+"""PNG grids with captions and loss-curve plots: what people look at instead of reading logs."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """CHW tensor in [-1, 1] -> RGB PIL image."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
+
+
+def image_grid(
+    images: torch.Tensor,
+    ncols: int,
+    captions: list[str] | None = None,
+    cell: int = 128,
+    caption_lines: int = 3,
+) -> Image.Image:
+    """Tile images (NCHW in [-1, 1]) into a grid, each upscaled to ``cell`` px, captions underneath."""
+    n = images.shape[0]
+    nrows = (n + ncols - 1) // ncols
+    font = ImageFont.load_default()
+    line_h = 12
+    text_h = caption_lines * line_h + 4 if captions else 0
+    grid = Image.new("RGB", (ncols * cell, nrows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, cell // 6)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        x0, y0 = c * cell, r * (cell + text_h)
+        grid.paste(to_pil(images[i]).resize((cell, cell), Image.NEAREST), (x0, y0))
+        if captions:
+            lines = textwrap.wrap(captions[i], chars)[:caption_lines]
+            for j, line in enumerate(lines):
+                draw.text((x0 + 2, y0 + cell + 2 + j * line_h), line, fill="black", font=font)
+    return grid
+
+
+def save_grid(path: Path, images: torch.Tensor, ncols: int, captions: list[str] | None = None, cell: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, ncols, captions, cell).save(path)
+    return path
+
+
+def plot_losses(path: Path, curves: dict[str, list[tuple[int, float]]]) -> Path:
+    """One panel per curve (step, loss), log-scale y; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items()):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, lw=1)
+            if min(values) > 0:
+                ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
