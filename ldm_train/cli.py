@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import UserError
 
 EXAMPLES = """examples:
   ldm-train demo                                  # every stage on the emoji set (~15 min on 2 CPU cores)
@@ -90,16 +91,6 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
     raise SystemExit(f"ldm-train {args.command}: not implemented yet (see the issue tracker)")
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .autoencoder.vae import AutoencoderError
-    from .data.shards import DataError
-    from .eval.pipeline import PipelineError
-    from .text.encoder import TextEncoderError
-    from .utils.runs import OutputExistsError
-
-    return (ConfigError, DataError, OutputExistsError, AutoencoderError, TextEncoderError, PipelineError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "slurm":
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = dispatch(args, cfg)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"ldm-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     if result:

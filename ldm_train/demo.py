@@ -39,6 +39,9 @@ def run_demo(cfg: Config, overwrite: bool) -> dict:
     if run.exists() and any(run.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"demo folder {run} is not empty; pass --overwrite to replace it, or set run.dir")
+        if not (run / "config.yaml").is_file() or run.resolve() in (Path.cwd().resolve(), Path.home().resolve()):
+            # --overwrite deletes the folder: only ever one that an earlier run made.
+            raise OutputExistsError(f"{run} does not look like an ldm_train run folder (no config.yaml); not deleting it")
         shutil.rmtree(run)
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}

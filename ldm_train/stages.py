@@ -24,7 +24,7 @@ from .autoencoder.vae import load_vae
 from .config import Config, dump_config
 from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, load_images
-from .eval.pipeline import load_pipeline
+from .eval.pipeline import PipelineError, load_pipeline
 from .eval.sample import generate
 from .eval.validate import validation_loss
 from .export.export import export_pipeline
@@ -51,6 +51,13 @@ def record_config(cfg: Config, overwrite: bool) -> Path:
             )
     dump_config(cfg, path)
     return path
+
+
+def last_segment(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The most recent training run's points: ``metrics.jsonl`` is append-only, and a run that
+    was redone with --overwrite starts again at step 0."""
+    starts = [i for i, (step, _) in enumerate(points) if step == 0]
+    return points[starts[-1] :] if starts else points
 
 
 def data_emoji(cfg: Config, out: Path | None, overwrite: bool) -> dict:
@@ -109,7 +116,7 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log
     )
     curves = {"denoiser loss": result.losses}
-    vae_points = [(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"]
+    vae_points = last_segment([(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"])
     if vae_points:
         curves = {"autoencoder L1": vae_points, **curves}
     return {
@@ -148,11 +155,11 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_prompts: int, o
 
 
 def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
-    if out.exists() and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"export folder {out} already exists; pass --overwrite to replace it")
     ckpt = latest_checkpoint(cfg.path("{run}") / "checkpoints")
     if ckpt is None:
-        raise OutputExistsError(f"no checkpoint under {cfg.path('{run}') / 'checkpoints'}; run `ldm-train train` first")
+        raise PipelineError(f"no checkpoint under {cfg.path('{run}') / 'checkpoints'}; run `ldm-train train` first")
     manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
     vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype)
     text = load_text_encoder(cfg.path(cfg.text.dir))

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from ..errors import UserError
 from ..config import AutoencoderConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(UserError):
     """A VAE folder that cannot be used; the message names the path and what to provide."""
 
 

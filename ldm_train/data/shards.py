@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from webdataset import TarWriter, gopen
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # preference order when a sample has several
@@ -35,7 +37,7 @@ _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _WARN_FIRST = 3  # log this many skips per reason, then only the summary
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user mistake about data (missing shard, empty dataset, ...); the message names the file."""
 
 

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from ..errors import UserError
 from ..autoencoder.vae import load_vae
 from ..config import Config, ConfigError, DiffusionConfig, ModelConfig, load_config
 from ..diffusion import NoiseSchedule, build_schedule
@@ -27,7 +28,7 @@ TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "
 FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in TO_DIFFUSERS_SCHEDULE.items()}
 
 
-class PipelineError(ValueError):
+class PipelineError(UserError):
     """A path that is neither a run folder with a checkpoint nor an export folder."""
 
 

@@ -27,12 +27,14 @@ def validation_loss(
     gen = torch.Generator().manual_seed(seed)
     scale, shift = data.manifest["scaling_factor"], data.manifest["shift_factor"]
     x0_all = to_latent(data.mean, torch.zeros_like(data.std), scale, shift)
+    # All noise drawn up front, one tensor per timestep: the result does not depend on batch_size.
+    noise = {t: torch.randn(x0_all.shape, generator=gen) for t in timesteps}
     sums = {t: 0.0 for t in timesteps}
     for i in range(0, len(data), batch_size):
         x0 = x0_all[i : i + batch_size].to(device)
         context = data.context[i : i + batch_size].to(device, torch.float32)
         for t_val in timesteps:
-            eps = torch.randn(x0.shape, generator=gen).to(device)
+            eps = noise[t_val][i : i + batch_size].to(device)
             t = torch.full((x0.shape[0],), t_val, dtype=torch.int64, device=device)
             out = unet(schedule.add_noise(x0, eps, t), t, context)
             target = schedule.target(x0, eps, t, prediction_type)

@@ -13,13 +13,14 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from ..config import TextConfig
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(UserError):
     """A text-tower folder or checkpoint that cannot be used; the message names the file."""
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 
-class OutputExistsError(ValueError):
+
+class OutputExistsError(UserError):
     """An output folder already holds results; the message says how to replace them."""
 
 

@@ -1,0 +1,6 @@
+"""The one base class for user mistakes: the CLI prints these as one clear message (exit 2),
+never as a traceback. Everything else is a bug and keeps its traceback."""
+
+
+class UserError(ValueError):
+    """Bad input, a missing file, or an output that would be overwritten; the message says which."""

@@ -1,0 +1,247 @@
+"""Config loading: defaults, YAML files, dotted overrides, and error messages that name the key
+and where it came from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldm_train.config import Config, ConfigError, dump_config, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.run.dir == "runs/demo"
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert len(cfg.model.block_out_channels) == len(cfg.model.attention_levels)
+    assert cfg.path(cfg.autoencoder.path) == Path("runs/demo/vae")
+
+
+def test_repo_has_config_files():
+    assert REPO / "configs" / "micro.yaml" in CONFIG_FILES
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_micro_config_values():
+    cfg = load_config(REPO / "configs" / "micro.yaml")
+    assert cfg.run.dir == "runs/micro"
+    assert cfg.autoencoder.block_out_channels == [8, 16]
+    assert cfg.autoencoder.train.crop is None
+    assert cfg.eval.prompts == []
+    assert cfg.train.steps == 6 and cfg.train.checkpoint_every == 3
+    # keys the file leaves out keep their defaults
+    assert cfg.diffusion == Config().diffusion
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n  stepz: 6\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "train.stepz" in msg
+    assert "unknown key" in msg
+    assert str(path) in msg
+    assert "command-line override" not in msg
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = write(tmp_path, "trian:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"trian: unknown key") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_wrong_type_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, 'train: {steps: "many"}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "train.steps" in msg
+    assert "'many'" in msg
+    assert str(path) in msg
+
+
+def test_out_of_range_value_in_file(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(path)
+
+
+def test_several_errors_are_all_reported(tmp_path):
+    path = write(tmp_path, "train:\n  stepz: 1\nmodel:\n  dropout: lots\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "train.stepz" in msg and "model.dropout" in msg
+
+
+def test_unknown_key_via_override(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.stepz=6"])
+    msg = str(info.value)
+    assert "train.stepz" in msg and "unknown key" in msg
+    assert "command-line override" in msg
+    assert str(path) not in msg
+
+
+def test_wrong_type_via_override():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.steps=many"])
+    msg = str(info.value)
+    assert "train.steps" in msg and "'many'" in msg
+    assert "command-line override" in msg
+
+
+def test_error_origin_distinguishes_file_and_override(tmp_path):
+    path = write(tmp_path, "train:\n  stepz: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.dropoot=0.1"])
+    lines = str(info.value).splitlines()
+    (file_line,) = [line for line in lines if "train.stepz" in line]
+    (override_line,) = [line for line in lines if "model.dropoot" in line]
+    assert str(path) in file_line and "command-line override" not in file_line
+    assert "command-line override" in override_line and str(path) not in override_line
+
+
+@pytest.mark.parametrize("override", ["trian.steps=5", "model.attention_levels=[true, 1]"])
+def test_override_origin_for_sections_and_list_items(override):
+    with pytest.raises(ConfigError, match="command-line override"):
+        load_config(None, [override])
+
+
+def test_lr_override_parses_to_float():
+    cfg = load_config(None, ["train.lr=1e-4"])
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.train.lr == 1e-4
+    assert parse_override("train.lr=2.5E-3") == ("train.lr", 2.5e-3)
+
+
+def test_override_values_are_yaml():
+    cfg = load_config(
+        None,
+        ["train.steps=7", "model.attention_levels=[false, true, false]", "autoencoder.train.crop=null", "run.dir=runs/x"],
+    )
+    assert cfg.train.steps == 7
+    assert cfg.model.attention_levels == [False, True, False]
+    assert cfg.autoencoder.train.crop is None
+    assert cfg.run.dir == "runs/x"
+
+
+def test_override_beats_file(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.steps=9"])
+    assert cfg.train.steps == 9 and cfg.train.lr == 0.01
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=5"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, [bad])
+
+
+def test_override_into_a_value_is_refused(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(path, ["train.steps.x=1"])
+
+
+def test_int_accepted_for_float(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1\n  betas: [0, 1]\ndiffusion:\n  beta_end: 1\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == [0.0, 1.0] and all(isinstance(b, float) for b in cfg.train.betas)
+    assert isinstance(cfg.diffusion.beta_end, float)
+    assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
+
+
+def test_yaml_1e_minus_4_without_dot_is_a_float(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-4\n")  # PyYAML reads this as a string
+    assert load_config(path).train.lr == 1e-4
+
+
+def test_float_is_not_accepted_for_int(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 2.5\n")
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="mapping") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = write(tmp_path, "train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_config(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("source", [None, REPO / "configs" / "micro.yaml"], ids=["defaults", "micro"])
+def test_dump_then_load_round_trips(tmp_path, source):
+    cfg = load_config(
+        source, ["train.lr=3e-4", "autoencoder.train.kl_weight=1e-6", "eval.prompts=[a cat, '1.5x']", "run.dir=somewhere"]
+    )
+    path = tmp_path / "sub" / "config.yaml"
+    dump_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.model_dump() == cfg.model_dump()
+    assert again.train.lr == 3e-4
+
+
+def test_path_expands_run():
+    cfg = load_config(None, ["run.dir=/tmp/r1"])
+    assert cfg.path(cfg.latents.dir) == Path("/tmp/r1/latents")
+    assert cfg.shards("pipe:cat {run}/x.tar") == "pipe:cat /tmp/r1/x.tar"
+
+
+def test_sections_refuse_bad_assignment():
+    cfg = load_config()
+    with pytest.raises(ValueError):
+        cfg.train.steps = "many"
+
+
+def test_quoted_number_stays_a_string_in_string_fields(tmp_path):
+    path = write(tmp_path, 'run:\n  dir: "2.5"\neval:\n  prompts: ["1.5", "red heart"]\n')
+    cfg = load_config(path)
+    assert cfg.run.dir == "2.5"
+    assert cfg.eval.prompts == ["1.5", "red heart"]
+
+
+def test_demo_yaml_is_the_defaults():
+    """configs/demo.yaml documents the defaults; it must not drift from the schema."""
+    assert load_config(REPO / "configs" / "demo.yaml") == load_config(None)
