@@ -55,8 +55,8 @@ def record_config(cfg: Config, overwrite: bool) -> Path:
 
 def last_segment(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     """The most recent training run's points: ``metrics.jsonl`` is append-only, and a run that
-    was redone with --overwrite starts again at step 0."""
-    starts = [i for i, (step, _) in enumerate(points) if step == 0]
+    was redone with --overwrite starts again, so its steps go down."""
+    starts = [i for i in range(1, len(points)) if points[i][0] <= points[i - 1][0]]
     return points[starts[-1] :] if starts else points
 
 

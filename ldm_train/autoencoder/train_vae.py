@@ -4,7 +4,7 @@ The loss is LDM's ``L_rec + kl_weight * KL`` with both terms summed per image an
 the batch, here divided by the pixel count so ``kl_weight`` keeps LDM's meaning (1e-6) while the
 reconstruction term is a readable mean absolute error. No perceptual or adversarial term: their
 pretrained networks are not available offline, and at 64 px an L1 loss already reconstructs
-recognisably. The latent scaling factor is measured on the data afterwards (1 / std of latents).
+recognisably. The latent scaling and shift are measured on the data afterwards (1 / std and mean of latents).
 """
 from __future__ import annotations
 
@@ -44,14 +44,18 @@ def _to_float(batch_u8: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, images_u8: torch.Tensor, device, batch: int = 64, limit: int = 1024) -> float:
-    """1 / std of posterior samples, as SD computed its 0.18215 (LDM sec. 4.3.2)."""
+def measure_latent_stats(vae: AutoencoderKL, images_u8: torch.Tensor, device, batch: int = 64, limit: int = 1024) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) = (1 / std, mean) of posterior samples, so that
+    ``(z - shift) * scale`` has zero mean and unit variance: SD computed its 0.18215 the same way
+    (LDM sec. 4.3.2); the shift is SD3's addition, needed here because images on a white
+    background give latents with a large mean offset."""
     zs = []
     gen = torch.Generator(device=device).manual_seed(0)
     for i in range(0, min(limit, images_u8.shape[0]), batch):
         dist = vae.encode(_to_float(images_u8[i : i + batch], device)).latent_dist
         zs.append(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=device))
-    return float(1.0 / torch.cat(zs).float().std())
+    z = torch.cat(zs).float()
+    return float(1.0 / z.std()), float(z.mean())
 
 
 def train_vae(
@@ -86,12 +90,13 @@ def train_vae(
         opt.step()
         sched.step()
         losses.append(stats["rec_l1"])
-        if step % tc.log_every == 0 or step == tc.steps - 1:
-            log.write(stage="vae", step=step, loss=loss.item(), **stats)
+        if (step + 1) % tc.log_every == 0 or step == tc.steps - 1:
+            recent = losses[-tc.log_every :]  # mean over the interval, not one noisy batch
+            log.write(stage="vae", step=step, rec_l1=sum(recent) / len(recent), kl=stats["kl"])
             bar.set_postfix(rec_l1=f"{stats['rec_l1']:.4f}", kl=f"{stats['kl']:.2f}")
     vae.eval()
-    scale = measure_scaling_factor(vae, images_u8, device)
-    vae.register_to_config(scaling_factor=scale)
+    scale, shift = measure_latent_stats(vae, images_u8, device)
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     vae.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     vae.to(device)
     tail = losses[-min(50, len(losses)) :] if losses else [float("nan")]
@@ -99,6 +104,7 @@ def train_vae(
         "steps": tc.steps,
         "final_rec_l1": sum(tail) / len(tail),
         "scaling_factor": scale,
+        "shift_factor": shift,
         "seconds": time.time() - t0,
         "saved_to": str(out_dir),
     }

@@ -91,7 +91,7 @@ def train_denoiser(
     data_gen = torch.Generator().manual_seed(seed + accelerator.process_index)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 + accelerator.process_index)
     null = data.null_context.to(device, torch.float32)
-    t0, losses, ckpt = time.time(), [], None
+    t0, losses, window, ckpt = time.time(), [], [], None
     bar = tqdm(range(train_cfg.steps), desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process)
     for step in bar:
         z, context = sample_batch(data, train_cfg.batch_size, data_gen, device)
@@ -107,9 +107,11 @@ def train_denoiser(
             opt.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
             ema.update(accelerator.unwrap_model(model))
+        window.append(stats["loss"])  # a tensor: no host sync until the log step
         done = step + 1
-        if step % train_cfg.log_every == 0 or done == train_cfg.steps:
-            value = stats["loss"].item()
+        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+            value = torch.stack(window).mean().item()  # mean over the interval, not one noisy batch
+            window.clear()
             losses.append((step, value))
             log.write(stage="train", step=step, loss=value, lr=sched.get_last_lr()[0])
             bar.set_postfix(loss=f"{value:.4f}")

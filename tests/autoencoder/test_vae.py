@@ -145,7 +145,7 @@ def test_train_vae_saves_loadable_folder_with_scaling_factor(trained):
     loaded = load_vae(out)
     scale, shift = latent_scale(loaded)
     assert scale == pytest.approx(summary["scaling_factor"], rel=1e-6)
-    assert shift == 0.0
+    assert shift == pytest.approx(summary["shift_factor"], rel=1e-6)
     assert scale != 1.0
 
     # 1/std of posterior samples, recomputed the documented way from the saved weights
@@ -155,15 +155,17 @@ def test_train_vae_saves_loadable_folder_with_scaling_factor(trained):
     gen = torch.Generator().manual_seed(0)
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
     assert scale == pytest.approx(float(1.0 / z.std()), rel=1e-3)
+    assert shift == pytest.approx(float(z.mean()), abs=1e-3)
 
     # and independently of the noise draw: Var[z] = E[mean^2 + std^2] - E[mean]^2
     m, s = dist.mean.double(), dist.std.double()
     var = (m.pow(2) + s.pow(2)).mean() - m.mean().pow(2)
     assert scale == pytest.approx(1.0 / math.sqrt(float(var)), rel=0.05)
 
-    # scaled latents of the data then have roughly unit variance
+    # scaled latents of the data then have zero mean and roughly unit variance
     scaled = to_latent(dist.mean, dist.std, scale, shift, generator=torch.Generator().manual_seed(5))
     assert float(scaled.std()) == pytest.approx(1.0, rel=0.1)
+    assert abs(float(scaled.mean())) < 0.1
 
 
 def test_train_vae_is_deterministic(trained, tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ldm_train import stages
 from ldm_train.autoencoder.vae import decode_latents, load_vae
 from ldm_train.config import DiffusionConfig
+from ldm_train.eval.pipeline import PipelineError
 from ldm_train.diffusion import build_schedule
 from ldm_train.eval.pipeline import diffusion_config_from_scheduler, load_pipeline
 from ldm_train.eval.sample import generate
@@ -119,7 +120,7 @@ def test_export_without_checkpoint(micro_run, tmp_path):
     from conftest import micro_config
 
     cfg = micro_config(tmp_path / "empty_run")
-    with pytest.raises(OutputExistsError, match="train"):
+    with pytest.raises(PipelineError, match="train"):
         stages.export_stage(cfg, tmp_path / "exp", False)
     assert not (tmp_path / "exp").exists()
 
