@@ -5,3 +5,12 @@ train -> eval -> export. ``model`` and ``diffusion`` never import accelerate, de
 torch.distributed.
 """
 __version__ = "0.1.0"
+
+
+def load_unet(path, dtype=None):
+    """A trained or pretrained U-Net from a diffusers ``UNet2DConditionModel`` folder or an
+    ldm_train U-Net folder (see :func:`ldm_train.model.load.load_unet`). Imports torch lazily, so
+    ``import ldm_train`` stays light."""
+    from ldm_train.model.load import load_unet as _load_unet
+
+    return _load_unet(path, dtype)

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   ldm-train train-vae --config configs/demo.yaml autoencoder.train.steps=500
   ldm-train train --config configs/demo.yaml train.lr=1e-4 run.dir=runs/exp1
   ldm-train sample --checkpoint runs/demo/export --prompt "red heart" --out heart.png
+  ldm-train convert sd15/unet runs/sd15-unet --to project   # then model.init_from=runs/sd15-unet
 """
 
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None, help="export folder (default: export.dir)")
     _common(export)
 
+    conv = sub.add_parser("convert", help="convert a U-Net folder: diffusers <-> ldm_train format")
+    conv.add_argument("input", type=Path, help="a diffusers UNet2DConditionModel folder or an ldm_train U-Net folder")
+    conv.add_argument("output", type=Path, help="folder to write")
+    conv.add_argument("--to", choices=["project", "diffusers"], required=True, help="output format")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     _common(sub.add_parser("demo", help="run every stage on the emoji set and summarise"))
     sub.add_parser("slurm", help="(coming with the Slurm issue) submit a stage as a Slurm job")
     return parser
@@ -82,6 +89,8 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
     if args.command == "export":
         out = args.out if args.out is not None else cfg.path(cfg.export.dir)
         return stages.export_stage(cfg, out, args.overwrite)
+    if args.command == "convert":
+        return stages.convert_stage(args.input, args.output, args.to, args.overwrite)
     if args.command == "demo":
         from .demo import print_summary, run_demo
 
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ldm-train slurm: not implemented yet; it arrives with the Slurm issue", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", ()))
         result = dispatch(args, cfg)
     except UserError as e:
         print(f"ldm-train {args.command}: error: {e}", file=sys.stderr)

@@ -99,10 +99,18 @@ class LatentsConfig(Section):
 
 
 class ModelConfig(Section):
-    """Cross-attention U-Net. ``attention_levels[i]`` puts transformer blocks at level i."""
+    """Cross-attention U-Net (:class:`ldm_train.model.UNet`; the SD U-Net family). Keys are the
+    constructor's; ``attention_levels[i]`` puts transformer blocks at level i.
+
+    ``attention_head_dim`` is channels per head here. diffusers' ``attention_head_dim`` is the
+    head *count* (SD 1.x: 8, SD 2.x: [5, 10, 20, 20]); ``ldm_train.model.convert`` translates.
+    ``num_attention_heads`` (one count per level) overrides ``attention_head_dim`` when set.
+    ``init_from`` is not an architecture key: a diffusers U-Net folder or a project U-Net folder
+    whose weights the training loop loads (``load_unet_weights``) before the first step.
+    """
 
     in_channels: int = Field(4, gt=0)
-    out_channels: int = Field(4, gt=0)
+    out_channels: int = Field(4, gt=0)  # 2 * in_channels when a learned variance is predicted
     block_out_channels: list[int] = [32, 64, 128]
     attention_levels: list[bool] = [False, True, True]
     layers_per_block: int = Field(1, gt=0)
@@ -110,6 +118,16 @@ class ModelConfig(Section):
     cross_attention_dim: int = Field(128, gt=0)
     norm_num_groups: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    num_attention_heads: list[int] | None = None
+    transformer_layers_per_block: int | list[int] = 1
+    use_linear_projection: bool = False  # SD 2.x: nn.Linear proj_in/out; SD 1.x: 1x1 conv
+    flip_sin_to_cos: bool = True
+    freq_shift: int = Field(0, ge=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    num_class_embeds: int | None = Field(None, gt=0)
+    upcast_attention: bool = False  # attention in fp32 under fp16/bf16 autocast (SD 2.1-v)
+    gradient_checkpointing: bool = False
+    init_from: str | None = None
 
 
 class DiffusionConfig(Section):
@@ -138,6 +156,10 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    # Speed: torch.compile of the model, channels_last memory format, fused AdamW kernel.
+    compile: bool = False
+    channels_last: bool = False
+    fused_optimizer: bool = True
 
 
 class DistributedConfig(Section):

@@ -30,6 +30,8 @@ from .eval.validate import validation_loss
 from .export.export import export_pipeline
 from .latents.cache import load_latents, read_manifest
 from .latents.encode import encode_split
+from .model.convert import write_diffusers_unet, write_project_unet
+from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
 from .train.checkpoint import latest_checkpoint, load_weights
 from .train.loop import make_accelerator, train_denoiser
@@ -167,3 +169,15 @@ def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
         out, cfg.model, load_weights(ckpt, "ema"), manifest["latent_shape"], vae, text, cfg.diffusion, cfg.export.dtype
     )
     return {"export": str(out), "from_checkpoint": str(ckpt)}
+
+
+def convert_stage(src: Path, dst: Path, to: str, overwrite: bool) -> dict:
+    """A U-Net folder in either format -> ``to`` format (``project`` or ``diffusers``)."""
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    cfg, state = read_unet(src)
+    prepare_output(dst, overwrite, "convert")
+    write = write_project_unet if to == "project" else write_diffusers_unet
+    write(dst, cfg, state)
+    params = sum(v.numel() for v in state.values())
+    return {"input": str(src), "output": str(dst), "format": to, "parameters": params, "tensors": len(state)}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm_train.cli import build_parser, main
 
-COMMANDS = {"data", "train-vae", "encode", "train", "sample", "eval", "export", "demo", "slurm"}
+COMMANDS = {"data", "train-vae", "encode", "train", "sample", "eval", "export", "demo", "slurm", "convert"}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file
 
 from ..errors import UserError
 from ..autoencoder.vae import load_vae
@@ -20,6 +19,7 @@ from ..config import Config, ConfigError, DiffusionConfig, ModelConfig, load_con
 from ..diffusion import NoiseSchedule, build_schedule
 from ..latents.cache import read_manifest
 from ..model import build_unet
+from ..model.load import read_unet
 from ..text.encoder import TextEncoder, load_text_encoder
 from ..train.checkpoint import latest_checkpoint, load_weights
 
@@ -64,9 +64,8 @@ def _unet(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], device) -> t
 
 
 def _from_export(folder: Path, device) -> Pipeline:
-    raw = json.loads((folder / "unet" / "config.json").read_text())
-    model_cfg = ModelConfig.model_validate(raw["model"])
-    weights = load_file(str(folder / "unet" / "model.safetensors"))
+    index = json.loads((folder / "model_index.json").read_text())
+    model_cfg, weights = read_unet(folder / index.get("unet", "unet"))
     diffusion = diffusion_config_from_scheduler(folder / "scheduler")
     return Pipeline(
         _unet(model_cfg, weights, device),
@@ -74,7 +73,7 @@ def _from_export(folder: Path, device) -> Pipeline:
         load_text_encoder(folder / "text_encoder").to(device),
         build_schedule(diffusion),
         diffusion,
-        raw["latent_shape"],
+        index["latent_shape"],
         f"export {folder}",
     )
 

@@ -4,13 +4,14 @@ Layout (diffusers-style components, every tensor in safetensors, every config in
 
     export/
       model_index.json            which component lives where
-      unet/config.json            the ``model`` section + latent shape
-      unet/model.safetensors      EMA weights in the configured dtype
+      unet/                       EMA weights as a diffusers UNet2DConditionModel folder
+                                  (config.json + diffusion_pytorch_model.safetensors)
       vae/                        diffusers AutoencoderKL folder (save_pretrained)
       text_encoder/               open_clip config + weights (see ldm_train.text)
       scheduler/scheduler_config.json   a diffusers DDIMScheduler config
 
-The U-Net folder switches to diffusers' ``UNet2DConditionModel`` layout with the U-Net issue.
+``diffusers.UNet2DConditionModel.from_pretrained(export / "unet")`` and
+``AutoencoderKL.from_pretrained(export / "vae")`` load the components directly.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
-from safetensors.torch import save_file
 
 from ..autoencoder.vae import DTYPES
 from ..config import DiffusionConfig, ModelConfig
 from ..eval.pipeline import TO_DIFFUSERS_SCHEDULE
+from ..model.convert import write_diffusers_unet
 from ..text.encoder import TextEncoder, save_text_encoder
 
 def scheduler_for(cfg: DiffusionConfig) -> DDIMScheduler:
@@ -55,15 +56,20 @@ def export_pipeline(
     """Write the export folder (atomically: ``<out>.partial`` renamed when complete)."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "unet").mkdir(parents=True)
-    unet_cfg = {"model": model_cfg.model_dump(), "latent_shape": list(latent_shape)}
-    (partial / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2))
+    partial.mkdir(parents=True)
     weights = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in ema_weights.items()}
-    save_file(weights, str(partial / "unet" / "model.safetensors"))
+    write_diffusers_unet(partial / "unet", model_cfg, weights, sample_size=latent_shape[-1])
     vae.save_pretrained(partial / "vae", safe_serialization=True)
     save_text_encoder(text, partial / "text_encoder", _text_model_cfg(text))
     scheduler_for(diffusion_cfg).save_config(partial / "scheduler")
-    index = {"_class_name": "ldm_train", "unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "scheduler": "scheduler"}
+    index = {
+        "_class_name": "ldm_train",
+        "unet": "unet",
+        "vae": "vae",
+        "text_encoder": "text_encoder",
+        "scheduler": "scheduler",
+        "latent_shape": list(latent_shape),
+    }
     (partial / "model_index.json").write_text(json.dumps(index, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)

@@ -1,28 +1,36 @@
 """Cross-attention U-Net denoiser eps_theta(z_t, t, tau_theta(y)) of latent diffusion
 (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", Sec. 3.3).
 
-Arguments of :class:`UNet` (all keyword-only; the ``model`` config section has the same keys):
+Arguments of :class:`UNet` (all keyword-only; the ``model`` config section has the same keys,
+plus ``init_from``, which is for the training loop, not the constructor):
 
-- ``in_channels`` / ``out_channels``: channels c of the latent z in R^{h x w x c} produced by
-  the stage-1 autoencoder (4 for SD), and of the prediction (eps or v, same shape as z).
-- ``block_out_channels``: width of each resolution level, i.e. the paper's "model channels"
-  times its "channel multiplier" list. Every level but the last halves the resolution.
-- ``attention_levels``: ``attention_levels[i]`` puts a spatial transformer after every resnet
-  of level i (down and up path): the paper's "attention resolutions", given per level instead of
-  per downsampling factor. The middle block always has one (as in SD).
-- ``layers_per_block``: the paper's "num res blocks": resnets per level on the way down; the
-  way up has one more so it also consumes the level's downsampling skip.
-- ``attention_head_dim``: channels per attention head (the paper's "num head channels");
-  heads at a level = channels // attention_head_dim. NB diffusers' argument of the same name is
-  the head *count* for SD 1.x; parameter shapes do not depend on it.
-- ``cross_attention_dim``: width d_tau of the conditioning sequence tau_theta(y) in
-  R^{M x d_tau} (the text encoder's hidden size), the key/value input of every cross-attention.
-- ``norm_num_groups``: GroupNorm groups of every resnet and transformer input norm.
+- ``in_channels`` / ``out_channels``: channels c of the latent z (4 for SD), and of the
+  prediction (eps or v; 2c when a learned variance is predicted too).
+- ``block_out_channels``: width of each resolution level ("model channels" x "channel
+  multiplier" in the paper). Every level but the last halves the resolution.
+- ``attention_levels``: ``attention_levels[i]`` puts a spatial transformer after every resnet of
+  level i, down and up (the paper's "attention resolutions", per level). The middle block always
+  has one. diffusers spells this as ``CrossAttnDownBlock2D`` vs ``DownBlock2D`` per level.
+- ``layers_per_block``: resnets per level on the way down ("num res blocks"); the way up has
+  one more so it also consumes the level's downsampling skip.
+- ``attention_head_dim``: channels per attention head ("num head channels"); heads at a level =
+  channels // attention_head_dim. NB diffusers' ``attention_head_dim`` is the head *count*
+  (SD 1.x: 8 heads at every level, SD 2.x: [5, 10, 20, 20]); see :mod:`ldm_train.model.convert`.
+- ``num_attention_heads``: optional head count per level; overrides ``attention_head_dim``
+  (needed for SD 1.x, whose head width grows with the level). Level -1 also sets the middle block.
+- ``transformer_layers_per_block``: BasicTransformerBlocks per transformer, int or per level
+  (the middle block uses the last level's; the up path mirrors the down path).
+- ``cross_attention_dim``: width d_tau of the conditioning sequence tau_theta(y).
+- ``use_linear_projection``: nn.Linear proj_in/proj_out (SD 2.x) instead of 1x1 convs (SD 1.x).
+- ``flip_sin_to_cos`` / ``freq_shift``: layout of the sinusoidal timestep embedding.
+- ``norm_num_groups`` / ``norm_eps``: GroupNorm groups (everywhere) and eps (resnets, out norm).
 - ``dropout``: dropout inside the resnets (between norm2 and conv2), as in diffusers.
+- ``num_class_embeds``: optional nn.Embedding of class labels added to the time embedding
+  (diffusers ``class_embedding``); ``forward`` then needs ``class_labels``.
+- ``upcast_attention``: compute attention in fp32 under fp16/bf16 autocast.
+- ``gradient_checkpointing``: recompute each down/mid/up block in the backward pass (training only).
 
-Module and parameter names follow diffusers' ``UNet2DConditionModel`` (SD 1.x layout: conv
-projections in the transformers, one transformer block per attention) so SD weights can be
-converted by name; the test suite checks key-for-key and shape-for-shape equality.
+Module and parameter names are diffusers' ``UNet2DConditionModel``'s, so SD weights load by name.
 """
 from __future__ import annotations
 
@@ -30,121 +38,92 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ldm_train.model.layers import (
-    RESNET_EPS,
-    Downsample2D,
-    ResnetBlock2D,
-    TimestepEmbedding,
-    Timesteps,
-    Transformer2DModel,
-    Upsample2D,
-)
+from ldm_train.model.blocks import DownBlock, MidBlock, UpBlock
+from ldm_train.model.layers import RESNET_EPS, TimestepEmbedding, Timesteps
 
 if TYPE_CHECKING:
     from ldm_train.config import ModelConfig
 
-
-class DownBlock(nn.Module):
-    """One encoder level: diffusers' ``CrossAttnDownBlock2D`` (``DownBlock2D`` if no attention).
-    Returns the features plus every intermediate output, which the decoder takes as skips."""
-
-    def __init__(self, in_ch: int, out_ch: int, *, n_layers: int, attention: bool, downsample: bool, **kw):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, kw["temb"], kw["groups"], kw["dropout"])
-            for i in range(n_layers)
-        )
-        self.attentions = _attentions(out_ch, n_layers, kw) if attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
-
-    def forward(self, h, temb, context):
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
-            skips.append(h)
-        return h, skips
+NOT_CONSTRUCTOR_KEYS = ("init_from",)  # ModelConfig keys that are not UNet arguments
 
 
-class MidBlock(nn.Module):
-    """Bottleneck: resnet, transformer, resnet (diffusers' ``UNetMidBlock2DCrossAttn``)."""
-
-    def __init__(self, ch: int, **kw):
-        super().__init__()
-        self.attentions = _attentions(ch, 1, kw)
-        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, kw["temb"], kw["groups"], kw["dropout"]) for _ in range(2))
-
-    def forward(self, h, temb, context):
-        h = self.resnets[0](h, temb)
-        h = self.attentions[0](h, context)
-        return self.resnets[1](h, temb)
+def level_depths(config: dict) -> list[int]:
+    """Transformer depth per level (``transformer_layers_per_block`` broadcast)."""
+    depth = config["transformer_layers_per_block"]
+    return [depth] * len(config["block_out_channels"]) if isinstance(depth, int) else list(depth)
 
 
-class UpBlock(nn.Module):
-    """One decoder level: diffusers' ``CrossAttnUpBlock2D`` (``UpBlock2D`` if no attention).
-    Each resnet eats one skip (concatenated on channels); the last skip comes from the level
-    below, hence ``skip_ch`` for it (diffusers' ``res_skip_channels`` bookkeeping)."""
-
-    def __init__(self, prev_ch, out_ch, skip_ch, *, n_layers: int, attention: bool, upsample: bool, **kw):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                (prev_ch if i == 0 else out_ch) + (skip_ch if i == n_layers - 1 else out_ch),
-                out_ch, kw["temb"], kw["groups"], kw["dropout"],
-            )
-            for i in range(n_layers)
-        )
-        self.attentions = _attentions(out_ch, n_layers, kw) if attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
-
-    def forward(self, h, temb, context, skips: list[torch.Tensor], up_size=None):
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)
-        if self.upsamplers is not None:
-            h = self.upsamplers[0](h, up_size)
-        return h
+def level_heads(config: dict) -> list[int]:
+    """Attention heads per level: ``num_attention_heads`` or channels // ``attention_head_dim``."""
+    if config.get("num_attention_heads") is not None:
+        return list(config["num_attention_heads"])
+    return [max(1, c // config["attention_head_dim"]) for c in config["block_out_channels"]]
 
 
-def _attentions(ch: int, n: int, kw: dict) -> nn.ModuleList:
-    return nn.ModuleList(Transformer2DModel(ch, kw["head_dim"], kw["context_dim"], kw["groups"]) for _ in range(n))
+def attention_sites(config: dict) -> list[int]:
+    """Levels whose head/depth settings matter: attention levels and the last (middle block)."""
+    n = len(config["block_out_channels"])
+    return [i for i in range(n) if config["attention_levels"][i] or i == n - 1]
 
 
-def _validate(block_out_channels, attention_levels, layers_per_block, head_dim, groups, dropout) -> None:
+def _per_level_list(name: str, value, n: int) -> None:
+    if isinstance(value, int):
+        value = [value]
+    elif len(value) != n:
+        raise ValueError(f"model.{name} has {len(value)} entries for {n} levels; give an int or one per level")
+    if any(v <= 0 for v in value):
+        raise ValueError(f"model.{name} must be positive, got {value}")
+
+
+def validate_config(c: dict) -> None:
     """Fail at construction with the config key in the message, not deep inside a GroupNorm."""
-    if not block_out_channels or any(c <= 0 for c in block_out_channels):
-        raise ValueError(f"model.block_out_channels must be a non-empty list of positive ints, got {block_out_channels}")
-    if len(attention_levels) != len(block_out_channels):
+    chs, n = c["block_out_channels"], len(c["block_out_channels"])
+    if not chs or any(ch <= 0 for ch in chs):
+        raise ValueError(f"model.block_out_channels must be a non-empty list of positive ints, got {chs}")
+    if len(c["attention_levels"]) != n:
         raise ValueError(
-            f"model.attention_levels has {len(attention_levels)} entries but model.block_out_channels "
-            f"has {len(block_out_channels)}; give one bool per level"
+            f"model.attention_levels has {len(c['attention_levels'])} entries but model.block_out_channels "
+            f"has {n}; give one bool per level"
         )
-    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", head_dim),
-                        ("norm_num_groups", groups)):
-        if value <= 0:
-            raise ValueError(f"model.{name} must be positive, got {value}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
-    last = len(block_out_channels) - 1
-    for i, c in enumerate(block_out_channels):
-        if c % groups:
-            raise ValueError(f"model.block_out_channels[{i}]={c} is not divisible by model.norm_num_groups={groups}")
-        if (attention_levels[i] or i == last) and c % head_dim:
-            where = "attention level" if attention_levels[i] else "last level (middle block attention)"
+    for name in ("layers_per_block", "attention_head_dim", "norm_num_groups", "cross_attention_dim", "norm_eps"):
+        if c[name] <= 0:
+            raise ValueError(f"model.{name} must be positive, got {c[name]}")
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {c['dropout']}")
+    if c["num_class_embeds"] is not None and c["num_class_embeds"] <= 0:
+        raise ValueError(f"model.num_class_embeds must be positive or null, got {c['num_class_embeds']}")
+    if not 0 <= c["freq_shift"] < chs[0] // 2:
+        raise ValueError(f"model.freq_shift must be in [0, block_out_channels[0] // 2), got {c['freq_shift']}")
+    _per_level_list("transformer_layers_per_block", c["transformer_layers_per_block"], n)
+    if c["num_attention_heads"] is not None:
+        _per_level_list("num_attention_heads", c["num_attention_heads"], n)
+    for i, ch in enumerate(chs):
+        if ch % c["norm_num_groups"]:
+            raise ValueError(f"model.block_out_channels[{i}]={ch} is not divisible by model.norm_num_groups={c['norm_num_groups']}")
+    _validate_heads(c)
+
+
+def _validate_heads(c: dict) -> None:
+    heads, chs = level_heads(c), c["block_out_channels"]
+    for i in attention_sites(c):
+        where = "attention level" if c["attention_levels"][i] else "last level (middle block attention)"
+        if c["num_attention_heads"] is not None and chs[i] % heads[i]:
             raise ValueError(
-                f"model.block_out_channels[{i}]={c} ({where}) is not divisible by model.attention_head_dim={head_dim}"
+                f"model.block_out_channels[{i}]={chs[i]} ({where}) is not divisible by "
+                f"model.num_attention_heads[{i}]={heads[i]}"
+            )
+        if c["num_attention_heads"] is None and chs[i] % c["attention_head_dim"]:
+            raise ValueError(
+                f"model.block_out_channels[{i}]={chs[i]} ({where}) is not divisible by "
+                f"model.attention_head_dim={c['attention_head_dim']}"
             )
 
 
 class UNet(nn.Module):
-    """The denoiser. ``forward(sample, timestep, context) -> prediction`` shaped like ``sample``
-    (with ``out_channels``). Argument meanings: see the module docstring."""
+    """The denoiser. ``forward(sample, timestep, context, class_labels=None) -> prediction``
+    shaped like ``sample`` (with ``out_channels``). Argument meanings: see the module docstring."""
 
     def __init__(
         self,
@@ -158,78 +137,123 @@ class UNet(nn.Module):
         cross_attention_dim: int = 128,
         norm_num_groups: int = 32,
         dropout: float = 0.0,
+        num_attention_heads: list[int] | None = None,
+        transformer_layers_per_block: int | list[int] = 1,
+        use_linear_projection: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        norm_eps: float = RESNET_EPS,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        chs, attn = list(block_out_channels), [bool(a) for a in attention_levels]
-        _validate(chs, attn, layers_per_block, attention_head_dim, norm_num_groups, dropout)
-        self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, block_out_channels=chs, attention_levels=attn,
-            layers_per_block=layers_per_block, attention_head_dim=attention_head_dim,
-            cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups, dropout=dropout,
-        )
+        cfg = dict(locals())
+        for key in ("self", "__class__"):
+            cfg.pop(key, None)
+        cfg["block_out_channels"] = chs = list(block_out_channels)
+        cfg["attention_levels"] = [bool(a) for a in attention_levels]
+        for key in ("num_attention_heads", "transformer_layers_per_block"):
+            if isinstance(cfg[key], (list, tuple)):
+                cfg[key] = list(cfg[key])
+        validate_config(cfg)
+        self.config = cfg
+        self.gradient_checkpointing = gradient_checkpointing
         temb = 4 * chs[0]
-        kw = dict(temb=temb, groups=norm_num_groups, dropout=dropout, head_dim=attention_head_dim,
-                  context_dim=cross_attention_dim)
+        kw = dict(temb=temb, groups=norm_num_groups, eps=norm_eps, dropout=dropout, context_dim=cross_attention_dim,
+                  linear=use_linear_projection, upcast=upcast_attention)
         self.conv_in = nn.Conv2d(in_channels, chs[0], 3, padding=1)
-        self.time_proj = Timesteps(chs[0])
+        self.time_proj = Timesteps(chs[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
-        self.down_blocks = self._build_down(chs, attn, layers_per_block, kw)
-        self.mid_block = MidBlock(chs[-1], **kw)
-        self.up_blocks = self._build_up(chs, attn, layers_per_block, kw)
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, chs[0], eps=RESNET_EPS)
+        self.class_embedding = nn.Embedding(num_class_embeds, temb) if num_class_embeds else None
+        heads, depths = level_heads(cfg), level_depths(cfg)
+        self.down_blocks = self._build_down(chs, cfg["attention_levels"], heads, depths, layers_per_block, kw)
+        self.mid_block = MidBlock(chs[-1], heads=heads[-1], depth=depths[-1], kw=kw)
+        self.up_blocks = self._build_up(chs, cfg["attention_levels"], heads, depths, layers_per_block, kw)
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, chs[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(chs[0], out_channels, 3, padding=1)
 
     @staticmethod
-    def _build_down(chs, attn, layers, kw) -> nn.ModuleList:
+    def _build_down(chs, attn, heads, depths, layers, kw) -> nn.ModuleList:
         ins = [chs[0]] + chs[:-1]
         return nn.ModuleList(
-            DownBlock(ins[i], chs[i], n_layers=layers, attention=attn[i], downsample=i < len(chs) - 1, **kw)
+            DownBlock(ins[i], chs[i], n_layers=layers, attention=(heads[i], depths[i]) if attn[i] else None,
+                      downsample=i < len(chs) - 1, kw=kw)
             for i in range(len(chs))
         )
 
     @staticmethod
-    def _build_up(chs, attn, layers, kw) -> nn.ModuleList:
+    def _build_up(chs, attn, heads, depths, layers, kw) -> nn.ModuleList:
         """Mirror of the encoder; channel bookkeeping copied from diffusers so shapes match."""
-        rchs, rattn, n = chs[::-1], attn[::-1], len(chs)
+        r = lambda xs: list(reversed(xs))  # noqa: E731
+        rchs, rattn, rheads, rdepths, n = r(chs), r(attn), r(heads), r(depths), len(chs)
         blocks, out_ch = [], rchs[0]
         for i in range(n):
             prev_ch, out_ch, skip_ch = out_ch, rchs[i], rchs[min(i + 1, n - 1)]
-            blocks.append(UpBlock(prev_ch, out_ch, skip_ch, n_layers=layers + 1, attention=rattn[i],
-                                  upsample=i < n - 1, **kw))
+            blocks.append(UpBlock(prev_ch, out_ch, skip_ch, n_layers=layers + 1,
+                                  attention=(rheads[i], rdepths[i]) if rattn[i] else None,
+                                  upsample=i < n - 1, kw=kw))
         return nn.ModuleList(blocks)
 
-    def _time_embed(self, timestep, sample: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _per_sample(value, sample: torch.Tensor, name: str) -> torch.Tensor:
         """Accept int/float scalars, 0-d tensors, [1] or [B] tensors; broadcast to the batch."""
-        t = torch.as_tensor(timestep, device=sample.device)
+        t = torch.as_tensor(value, device=sample.device)
         t = t.reshape(1) if t.ndim == 0 else t
         if t.ndim != 1 or t.shape[0] not in (1, sample.shape[0]):
-            raise ValueError(f"timestep must be a scalar or shape [{sample.shape[0]}], got {tuple(t.shape)}")
-        t = t.expand(sample.shape[0])
-        return self.time_embedding(self.time_proj(t).to(sample.dtype))
+            raise ValueError(f"{name} must be a scalar or shape [{sample.shape[0]}], got {tuple(t.shape)}")
+        return t.expand(sample.shape[0])
 
-    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
-        """sample [B,C,H,W], timestep scalar or [B], context [B,L,cross_attention_dim]."""
+    def _embed(self, timestep, class_labels, sample: torch.Tensor) -> torch.Tensor:
+        """Time embedding (+ class embedding): the vector every resnet is conditioned on."""
+        t = self._per_sample(timestep, sample, "timestep")
+        temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        if self.class_embedding is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given but the model has no class embedding (model.num_class_embeds)")
+            return temb
+        if class_labels is None:
+            raise ValueError("class_labels are required: the model has model.num_class_embeds set")
+        labels = self._per_sample(class_labels, sample, "class_labels")
+        return temb + self.class_embedding(labels).to(sample.dtype)
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """sample [B,C,H,W], timestep scalar or [B], context [B,L,cross_attention_dim],
+        class_labels [B] int64 (only with ``num_class_embeds``)."""
         if context.ndim != 3 or context.shape[-1] != self.config["cross_attention_dim"]:
             raise ValueError(
                 f"context must be [B, L, {self.config['cross_attention_dim']}] "
                 f"(model.cross_attention_dim), got {tuple(context.shape)}"
             )
-        temb = self._time_embed(timestep, sample)
+        temb = self._embed(timestep, class_labels, sample)
         h = self.conv_in(sample)
-        skips = [h]
+        skips: tuple[torch.Tensor, ...] = (h,)
         for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
-            skips.extend(block_skips)
-        h = self.mid_block(h, temb, context)
+            h, block_skips = self._run(block, h, temb, context)
+            skips = skips + block_skips
+        h = self._run(self.mid_block, h, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             level_skips, skips = skips[-n:], skips[:-n]
-            up_size = skips[-1].shape[-2:] if skips else None  # resolution of the next level up
-            h = block(h, temb, context, level_skips, up_size)
+            up_size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next level up
+            h = self._run(block, h, temb, context, level_skips, up_size)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
+def unet_kwargs(cfg: "ModelConfig") -> dict:
+    """The constructor arguments of a ``model`` config section (drops ``init_from``)."""
+    return cfg.model_dump(exclude=set(NOT_CONSTRUCTOR_KEYS))
+
+
 def build_unet(cfg: "ModelConfig") -> UNet:
-    """Build from the ``model`` config section; every key maps 1:1 to a constructor argument."""
-    return UNet(**cfg.model_dump())
+    """Build from the ``model`` config section; every key but ``init_from`` is a constructor
+    argument. ``init_from`` weights are loaded by the training loop via
+    :func:`ldm_train.model.load.load_unet_weights`."""
+    return UNet(**unet_kwargs(cfg))

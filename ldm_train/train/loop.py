@@ -20,7 +20,7 @@ from ..autoencoder.vae import to_latent
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_schedule, diffusion_loss
 from ..latents.cache import LatentData
-from ..model import build_unet
+from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog
 from .checkpoint import save_checkpoint
 from .ema import EMA
@@ -80,12 +80,21 @@ def train_denoiser(
     ``run_dir/checkpoints``; ``eval_fn(step, ema_model)`` runs every ``eval_every`` steps."""
     torch.manual_seed(seed)
     model = build_unet(model_cfg)
+    if model_cfg.init_from is not None:
+        load_unet_weights(model, model_cfg.init_from)  # e.g. a pretrained SD U-Net folder
     ema = EMA(model, train_cfg.ema_decay)
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay
+        model.parameters(),
+        lr=train_cfg.lr,
+        betas=tuple(train_cfg.betas),
+        weight_decay=train_cfg.weight_decay,
+        fused=train_cfg.fused_optimizer or None,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg))
     model, opt, sched = accelerator.prepare(model, opt, sched)
+    step_model = torch.compile(model) if train_cfg.compile else model
     device = accelerator.device
     schedule = build_schedule(diffusion_cfg)
     data_gen = torch.Generator().manual_seed(seed + accelerator.process_index)
@@ -97,7 +106,7 @@ def train_denoiser(
         z, context = sample_batch(data, train_cfg.batch_size, data_gen, device)
         with accelerator.accumulate(model), accelerator.autocast():
             loss, stats = diffusion_loss(
-                model, z, context, null, schedule, diffusion_cfg.prediction_type, diffusion_cfg.cond_drop_prob, noise_gen
+                step_model, z, context, null, schedule, diffusion_cfg.prediction_type, diffusion_cfg.cond_drop_prob, noise_gen
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients and train_cfg.grad_clip > 0:

@@ -13,6 +13,7 @@ from ldm_train import stages
 from ldm_train.autoencoder.vae import decode_latents, load_vae
 from ldm_train.config import DiffusionConfig
 from ldm_train.eval.pipeline import PipelineError
+from ldm_train.model.convert import model_config_from_diffusers
 from ldm_train.diffusion import build_schedule
 from ldm_train.eval.pipeline import diffusion_config_from_scheduler, load_pipeline
 from ldm_train.eval.sample import generate
@@ -34,7 +35,7 @@ def test_layout(micro_run):
     }
     for rel in [
         "unet/config.json",
-        "unet/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
         "vae/config.json",
         "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/open_clip_config.json",
@@ -44,8 +45,10 @@ def test_layout(micro_run):
         assert (out / rel).is_file(), rel
     assert not out.with_name(out.name + ".partial").exists()
     unet_cfg = json.loads((out / "unet" / "config.json").read_text())
-    assert unet_cfg["model"] == micro_run.cfg.model.model_dump()
-    assert unet_cfg["latent_shape"] == [4, 16, 16]
+    assert unet_cfg["_class_name"] == "UNet2DConditionModel"
+    assert unet_cfg["sample_size"] == 16
+    assert model_config_from_diffusers(unet_cfg, "export") == micro_run.cfg.model
+    assert index["latent_shape"] == [4, 16, 16]
     # nothing pickled: every tensor file is safetensors
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".ckpt")]
 
@@ -91,7 +94,7 @@ def test_unet_weights_are_the_checkpoint_ema(micro_run):
     assert ckpt.name == "step-0000006"
     ema = load_weights(ckpt, "ema")
     raw = load_weights(ckpt, "model")
-    exported = load_file(str(micro_run.export / "unet" / "model.safetensors"))
+    exported = load_file(str(micro_run.export / "unet" / "diffusion_pytorch_model.safetensors"))
     assert exported.keys() == ema.keys()
     for k, v in ema.items():
         assert exported[k].dtype == torch.float32
@@ -129,16 +132,28 @@ def test_fp16_export(micro_run, tmp_path):
     cfg = micro_run.cfg.model_copy(update={"export": micro_run.cfg.export.model_copy(update={"dtype": "fp16"})})
     out = tmp_path / "exp16"
     stages.export_stage(cfg, out, False)
-    weights = out / "unet" / "model.safetensors"
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes == {torch.float16}
     ema = load_weights(latest_checkpoint(micro_run.run / "checkpoints"), "ema")
     for k, v in load_file(str(weights)).items():
         assert torch.equal(v, ema[k].half()), k
-    assert weights.stat().st_size < 0.6 * (micro_run.export / "unet" / "model.safetensors").stat().st_size
+    assert weights.stat().st_size < 0.6 * (micro_run.export / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     # and it still samples
     pipe = load_pipeline(out, CPU)
     eval_cfg = cfg.eval.model_copy(update={"samples_per_prompt": 1})
     images, _ = generate(pipe, ["red circle 0"], eval_cfg, CPU)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_unet_loads_in_diffusers_and_matches_ours(micro_run):
+    """The export's unet/ is a real diffusers UNet2DConditionModel folder computing what ours does."""
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(micro_run.export / "unet").eval()
+    pipe = load_pipeline(micro_run.export, CPU)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 700])
+    ctx = torch.randn(2, micro_run.cfg.text.context_length, micro_run.cfg.model.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, ctx), theirs(x, t, ctx).sample, rtol=1e-5, atol=1e-5)
