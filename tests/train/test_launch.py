@@ -1,6 +1,8 @@
 """The training stage under the real `accelerate launch` launcher with the shipped config file."""
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,9 +28,13 @@ def test_accelerate_launch_runs_train_stage(micro_run, tmp_path):
     cmd = [
         str(accelerate), "launch", "--config_file", str(REPO / "launch" / "accelerate" / "single.yaml"),
         "--cpu", "-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}", "train.steps=3",
+        "distributed.mixed_precision=bf16",  # bf16 autocast on the CPU: the loop's mixed-precision path
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "step-0000003" / "ema.safetensors").is_file()
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["train"]["steps"] == 3 and written["run"]["dir"] == str(run)
+    assert written["distributed"]["mixed_precision"] == "bf16"
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
