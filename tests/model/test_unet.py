@@ -301,6 +301,10 @@ def test_training_step_compiles_fullgraph():
     explain = torch._dynamo.explain(model)(x, t, ctx, labels)
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fp32 upcast branch of the attention
+        explain = torch._dynamo.explain(model)(x, t, ctx, labels)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
     model(x, t, ctx, labels).square().mean().backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
