@@ -545,6 +545,8 @@ def _fmt_s(s: float) -> str:
 
 def _label(res: dict) -> str:
     parts = [res["config"], res["dtype"], f"b{res['batch']}", f"{res['res']}x{res['res']}"]
+    if not res["device"].startswith("cuda"):
+        parts.append(f"cpu{res['threads']}t")
     parts += [short for name, short in (("compile", "compile"), ("channels_last", "cl"), ("grad_ckpt", "ckpt"))
               if res.get(name)]
     return " ".join(parts)
@@ -553,7 +555,7 @@ def _label(res: dict) -> str:
 def table(results: list[dict]) -> str:
     """One row per (run, model), then the ratio line per run."""
     cuda = any(r["device"].startswith("cuda") for r in results)
-    head = f"{'run':<30} {'model':<9} {'params':>11} {'first loss':>11} {'min':>11} {'median':>11} {'max':>11} {'img/s':>8}"
+    head = f"{'run':<34} {'model':<9} {'params':>11} {'first loss':>11} {'min':>11} {'median':>11} {'max':>11} {'img/s':>8}"
     if cuda:
         head += f" {'peak GiB':>8} {'TFLOP/stp':>9} {'TFLOP/s':>8} {'MFU':>6}"
     lines = [head, "-" * len(head)]
@@ -561,7 +563,7 @@ def table(results: list[dict]) -> str:
         for name in ("ours", "diffusers"):
             m = res["models"][name]
             st = m["step_s"]
-            row = (f"{_label(res):<30} {name:<9} {m['params']:>11,} {m['first_loss']:>11.6f} "
+            row = (f"{_label(res):<34} {name:<9} {m['params']:>11,} {m['first_loss']:>11.6f} "
                    f"{_fmt_s(st['min'])} {_fmt_s(st['median'])} {_fmt_s(st['max'])} {m['img_per_s']:>8.1f}")
             if cuda:
                 def f(key, spec):
@@ -570,7 +572,7 @@ def table(results: list[dict]) -> str:
             lines.append(row)
         ra = res["ratio"]
         lines.append(
-            f"{'':<30} ratio diffusers/ours (>1: ours faster): median {ra['median_paired']:.3f} "
+            f"{'':<34} ratio diffusers/ours (>1: ours faster): median {ra['median_paired']:.3f} "
             f"(paired min {ra['min_paired']:.3f}, max {ra['max_paired']:.3f}; ratio of medians {ra['of_medians']:.3f}); "
             f"first-step loss rel diff {res['first_loss_rel_diff']:.1e}"
         )
@@ -589,7 +591,8 @@ def header(res: dict) -> str:
         f"{' (ours: ' + res['grad_ckpt_ours'] + ')' if res['grad_ckpt'] else ''}, "
         f"warm-up {res['warmup']}, reps {res['reps']} (ABBA order)",
         f"first step (warm-up, compile included): ours {res['models']['ours']['first_step_s']:.2f}s, "
-        f"diffusers {res['models']['diffusers']['first_step_s']:.2f}s",
+        f"diffusers {res['models']['diffusers']['first_step_s']:.2f}s (ours steps first and also pays the process's "
+        "one-time costs)",
     ]
     if res.get("matmul_bf16_peak_tflops"):
         lines.append(f"bf16 matmul peak (8192^3, best of 10): {res['matmul_bf16_peak_tflops']:.1f} TFLOP/s")

@@ -9,13 +9,15 @@
 #      budget runs out, steps 1-3 are already written)
 # Writes eager.json, gradckpt.json, compile_cl.json, bench.log and table.txt into $OUT
 # (the device tool sets it; default runs/gpu_bench). Compare with the anchors in
-# shared/anchors/h200-diffusers-sd15-2026-11-28.jsonl (diffusers eager b64: 0.178 s/step, 30.5 GiB;
-# compiled: 0.125 s; grad ckpt: 0.315 s, 15.2 GiB; matmul 777 TFLOP/s).
+# ../shared/anchors/h200-diffusers-sd15-2026-11-28.jsonl, beside the checkout (diffusers eager
+# b64: 0.178 s/step, 30.5 GiB, 34.7 TFLOP/step; compiled: 0.125 s; grad ckpt: 0.315 s, 15.2 GiB;
+# matmul 777 TFLOP/s).
 #
 # Run (device tool, repo root):      bash launch/gpu_bench_unet.sh            carry: ["wheels"]
 # Anywhere with a GPU:               OUT=runs/gpu_bench bash launch/gpu_bench_unet.sh
-# CPU smoke test of the same commands (seconds, tiny model):
-#   BENCH_EXTRA="--device cpu --config tiny --batch 2 --reps 2 --warmup 1" OUT=/tmp/gb bash launch/gpu_bench_unet.sh
+# CPU smoke test of the same commands (tiny model; ~5 min on 2 cores, nearly all of it the CPU
+# inductor compile of the last run):
+#   BENCH_EXTRA="--device cpu --config tiny --batch 2 --res 8 --reps 2 --warmup 1" OUT=/tmp/gb bash launch/gpu_bench_unet.sh
 #
 # The GPU machine has no internet. Its image has python3 3.12 with torch (2.11, CUDA 13), numpy,
 # pillow, pyyaml, regex, requests, filelock, safetensors 0.8, huggingface-hub 1.33, but neither

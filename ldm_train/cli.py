@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="EMA U-Net + VAE + text tower + scheduler -> inference folder")
     export.add_argument("--out", type=Path, default=None, help="export folder (default: export.dir)")
+    export.add_argument("--diffusers-pipeline", type=Path, default=None, metavar="DIR",
+                        help="also assemble a diffusers StableDiffusionPipeline folder in DIR")
     _common(export)
 
     conv = sub.add_parser("convert", help="convert a U-Net folder: diffusers <-> ldm_train format")
@@ -88,7 +90,10 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         return stages.eval_stage(args.checkpoint, cfg, out, args.num_prompts, args.overwrite)
     if args.command == "export":
         out = args.out if args.out is not None else cfg.path(cfg.export.dir)
-        return stages.export_stage(cfg, out, args.overwrite)
+        summary = stages.export_stage(cfg, out, args.overwrite)
+        if args.diffusers_pipeline is not None:
+            summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
+        return summary
     if args.command == "convert":
         return stages.convert_stage(args.input, args.output, args.to, args.overwrite)
     if args.command == "demo":

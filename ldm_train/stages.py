@@ -181,3 +181,11 @@ def convert_stage(src: Path, dst: Path, to: str, overwrite: bool) -> dict:
     write(dst, cfg, state)
     params = sum(v.numel() for v in state.values())
     return {"input": str(src), "output": str(dst), "format": to, "parameters": params, "tensors": len(state)}
+
+
+def sd_pipeline_stage(export_dir: Path, out: Path, overwrite: bool) -> dict:
+    """An export (CLIP text tower) -> a diffusers ``StableDiffusionPipeline`` folder."""
+    from .export.sd_pipeline import write_sd_pipeline
+
+    write_sd_pipeline(export_dir, out, overwrite=overwrite)
+    return {"diffusers_pipeline": str(out)}

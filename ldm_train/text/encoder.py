@@ -7,6 +7,7 @@ run open_clip's text transformer up to ``ln_final`` and stop there.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -71,11 +72,13 @@ class TextEncoder(torch.nn.Module):
         return self.encode_tokens(self.tokenize(captions))
 
 
-def _register(name: str, model_cfg: dict, folder: Path) -> None:
-    """open_clip only builds architectures from its registry; add ours from its JSON file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(model_cfg))
-    open_clip.add_model_config(folder / f"{name}.json")
+def _register(name: str, model_cfg: dict) -> None:
+    """open_clip only builds architectures from its registry, which it fills from JSON files
+    named after the model; write ours to a scratch folder so reading never writes beside the weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
 
 
 def load_text_encoder(folder: str | Path) -> TextEncoder:
@@ -90,7 +93,7 @@ def load_text_encoder(folder: str | Path) -> TextEncoder:
     meta = json.loads(cfg_path.read_text())
     name = meta["name"]
     if meta.get("model_cfg") is not None:
-        _register(name, meta["model_cfg"], folder / "registry")
+        _register(name, meta["model_cfg"])
     clip = open_clip.create_model(name, pretrained=str(weights))
     return TextEncoder(clip, open_clip.get_tokenizer(name), name)
 
@@ -112,7 +115,7 @@ def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
             raise TextEncoderError(f"text.model_name: {name!r} is not an open_clip architecture")
     else:
         name, model_cfg = f"ldm-tiny-text-w{cfg.width}-l{cfg.layers}-h{cfg.heads}", tiny_clip_config(cfg)
-        _register(name, model_cfg, folder / "registry")
+        _register(name, model_cfg)
     if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
         raise TextEncoderError(
             f"text.pretrained: {cfg.pretrained} not found. This machine cannot download weights; "
