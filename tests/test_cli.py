@@ -166,3 +166,28 @@ def test_eval_on_run_folder(micro_run, tmp_path, capsys):
     assert (out / "val_samples.png").is_file()
     assert main(argv) == 2  # report folder exists now
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_convert_round_trip_through_the_cli(tmp_path):
+    """A diffusers U-Net folder -> project format -> diffusers: bit-identical tensors, same config;
+    an existing output is refused without --overwrite."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    from ldm_train.config import ModelConfig
+    from ldm_train.model.convert import diffusers_config_from_model
+
+    cfg = ModelConfig(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
+                      cross_attention_dim=16, norm_num_groups=8)
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel.from_config(diffusers_config_from_model(cfg, sample_size=8))
+    theirs.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "proj"), "--to", "project"]) == 0
+    assert main(["convert", str(tmp_path / "proj"), str(tmp_path / "back"), "--to", "diffusers"]) == 0
+    a = load_file(str(tmp_path / "hf" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "back").config.block_out_channels) == [16, 32]
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "proj"), "--to", "project"]) == 2
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "proj"), "--to", "project", "--overwrite"]) == 0
