@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print("ldm-train slurm: not implemented yet; it arrives with the Slurm issue", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", ()))
+        config_path = getattr(args, "config", None)
+        cfg = load_config(config_path, getattr(args, "overrides", ()))
+        from .stages import check_config
+
+        check_config(cfg, str(config_path or "<defaults>") + " + overrides")
         result = dispatch(args, cfg)
     except UserError as e:
         print(f"ldm-train {args.command}: error: {e}", file=sys.stderr)

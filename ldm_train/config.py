@@ -131,16 +131,34 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    """DDPM forward process (Ho et al. 2020) and its parameterisation."""
+    """The forward process (DDPM, Ho et al. 2020), its parameterisation and the training objective.
+
+    ``prediction_type``: ``epsilon``, ``v_prediction`` (Salimans & Ho 2022) or ``sample`` (x0).
+    ``rescale_betas_zero_snr``: Lin et al. 2024 (needs v or x0 prediction).
+    ``loss_weighting``: ``uniform``, ``min_snr`` (Hang et al. 2023, ``min_snr_gamma``) or ``edm``
+    (Karras et al. 2022, ``sigma_data``). ``offset_noise``: Guttenberg 2023. ``timestep_sampling``:
+    ``uniform`` or ``logit_normal`` (SD3). ``learned_variance``: Improved DDPM (Nichol & Dhariwal
+    2021): the U-Net outputs 2x channels and trains with L_simple + ``vlb_weight`` * L_vlb.
+    """
 
     num_train_timesteps: int = Field(1000, gt=0)
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     beta_start: float = Field(0.00085, gt=0)
     beta_end: float = Field(0.012, gt=0)
+    rescale_betas_zero_snr: bool = False
     # v (Salimans & Ho 2022) rather than eps: with eps, x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
     # amplifies eps errors ~15x at the noisiest steps, which a small, briefly trained model shows.
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
+    loss_weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    sigma_data: float = Field(0.5, gt=0)
+    offset_noise: float = Field(0.0, ge=0)
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    learned_variance: bool = False
+    vlb_weight: float = Field(0.001, ge=0)
 
 
 class TrainConfig(Section):
@@ -174,9 +192,12 @@ class DistributedConfig(Section):
 class EvalConfig(Section):
     """Sampling for grids and metrics."""
 
-    sampler: Literal["ddim"] = "ddim"
+    # See ldm_train.diffusion.sampling: ddim, ddpm, iddpm (learned variance), euler, heun, dpmpp_2m.
+    sampler: Literal["ddim", "ddpm", "iddpm", "euler", "heun", "dpmpp_2m"] = "ddim"
     steps: int = Field(50, gt=0)
-    eta: float = Field(0.0, ge=0.0)
+    eta: float = Field(0.0, ge=0.0)  # DDIM only: 0 deterministic, 1 DDPM-like
+    spacing: Literal["leading", "trailing"] = "leading"  # DDIM/DDPM timestep respacing
+    s_churn: float = Field(0.0, ge=0.0)  # Euler/Heun stochasticity (Karras et al. 2022, Alg. 2)
     guidance_scale: float = Field(3.0, ge=0.0)
     seed: int = 0
     samples_per_prompt: int = Field(4, gt=0)

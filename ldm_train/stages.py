@@ -21,7 +21,8 @@ import yaml
 
 from .autoencoder.train_vae import reconstruct, train_vae
 from .autoencoder.vae import load_vae
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
+from .diffusion.schedule import check_combination
 from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, load_images
 from .eval.pipeline import PipelineError, load_pipeline
@@ -37,6 +38,22 @@ from .train.checkpoint import latest_checkpoint, load_weights
 from .train.loop import make_accelerator, train_denoiser
 from .utils.images import plot_losses, save_grid
 from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
+
+
+def check_config(cfg: Config, source: str) -> None:
+    """Cross-section consistency (diffusion x model x eval), before any work starts."""
+    d = cfg.diffusion
+    try:
+        check_combination(
+            d.prediction_type, d.beta_schedule, d.learned_variance, cfg.model.out_channels,
+            cfg.model.in_channels, cfg.eval.sampler, rescale_zero_snr=d.rescale_betas_zero_snr,
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"inconsistent configuration [in {source}]: {e} "
+            "(keys: diffusion.prediction_type, diffusion.beta_schedule, diffusion.rescale_betas_zero_snr, "
+            "diffusion.learned_variance, model.in_channels, model.out_channels, eval.sampler)"
+        ) from None
 
 
 def record_config(cfg: Config, overwrite: bool) -> Path:

@@ -1,7 +1,8 @@
 """The DDPM forward process q(x_t | x_0) and its parameterisations.
 
 Papers: DDPM (Ho, Jain, Abbeel 2020), Improved DDPM (Nichol & Dhariwal 2021),
-progressive distillation / v-prediction (Salimans & Ho 2022).
+progressive distillation / v-prediction (Salimans & Ho 2022), "Common diffusion noise schedules
+and sample steps are flawed" (Lin, Liu, Li, Yang 2024; zero terminal SNR), EDM (Karras et al. 2022).
 
 Code name          -> paper symbol
 ``betas``          -> β_t, per-step noise variance, t = 0 .. T-1 (DDPM eq. 2)
@@ -11,6 +12,12 @@ Code name          -> paper symbol
 ``x_t``            -> x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (DDPM eq. 4, reparameterised)
 ``v``              -> v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0     (Salimans & Ho, sec. 4)
 ``t``              -> integer timestep in [0, T), T = ``num_train_timesteps``
+``snr``            -> SNR(t) = ᾱ_t / (1 - ᾱ_t)                   (Kingma et al. 2021, eq. 2)
+``sigmas``         -> σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), the VE-equivalent noise level of x_t / sqrt(ᾱ_t)
+                      (EDM sec. 2 / k-diffusion's discrete sigmas); +inf at zero terminal SNR
+``posterior_*``    -> q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I)       (DDPM eq. 6-7)
+                      μ̃_t = c_0 x_0 + c_t x_t,  β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t, ᾱ_{-1} := 1
+"sample"           -> x_0 prediction (diffusers' name), "epsilon" -> ε, "v_prediction" -> v
 
 Timesteps are 0-based like diffusers: ``alphas_cumprod[0]`` is the least noisy level.
 Tables are kept in float64; each use casts the gathered coefficients to the input's dtype.
@@ -26,7 +33,8 @@ import torch
 from ldm_train.config import DiffusionConfig
 
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
-PredictionType = Literal["epsilon", "v_prediction"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _cosine_alpha_bar(u: float, s: float = 0.008) -> float:
@@ -34,10 +42,28 @@ def _cosine_alpha_bar(u: float, s: float = 0.008) -> float:
     return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale β so that ᾱ_{T-1} = 0 (SNR 0 at the last step) while keeping ᾱ_0 (Lin et al. 2024, Alg. 1).
+
+    sqrt(ᾱ) is shifted so its last value is 0 and scaled so its first value is unchanged; β is
+    recovered from the ratios of consecutive ᾱ. Returns float64 ``[T]``; the last β is exactly 1.
+    Identical to diffusers' ``rescale_zero_terminal_snr`` (``rescale_betas_zero_snr=True``)."""
+    betas = betas.to(torch.float64)
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()  # Alg. 1, line 3
+    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()  # line 6-7
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))  # lines 10-13: shift, then scale
+    alphas_bar = alphas_bar_sqrt**2  # line 16
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])  # lines 17-18
+    return 1.0 - alphas  # line 19
+
+
 def make_betas(
-    kind: BetaSchedule, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+    kind: BetaSchedule, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+    rescale_zero_snr: bool = False,
 ) -> torch.Tensor:
     """β_1..β_T as a float64 tensor ``[T]``.
+
+    ``rescale_zero_snr``: apply :func:`rescale_zero_terminal_snr` (Lin et al. 2024) afterwards.
 
     ``linear``: DDPM sec. 4, linspace(beta_start, beta_end).
     ``scaled_linear``: Stable Diffusion, linspace(sqrt(beta_start), sqrt(beta_end)) ** 2.
@@ -48,13 +74,15 @@ def make_betas(
     if T <= 0:
         raise ValueError(f"num_train_timesteps must be positive, got {T}")
     if kind == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    if kind == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-    if kind == "cosine":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    elif kind == "cosine":
         betas = [1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T) for i in range(T)]
-        return torch.tensor(betas, dtype=torch.float64).clamp(max=0.999)  # Improved DDPM sec. 3.2
-    raise ValueError(f"unknown beta schedule {kind!r}; expected linear, scaled_linear or cosine")
+        betas = torch.tensor(betas, dtype=torch.float64).clamp(max=0.999)  # Improved DDPM sec. 3.2
+    else:
+        raise ValueError(f"unknown beta schedule {kind!r}; expected linear, scaled_linear or cosine")
+    return rescale_zero_terminal_snr(betas) if rescale_zero_snr else betas
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +112,72 @@ class NoiseSchedule:
         a = table.to(like.device)[t.to(like.device)]
         return a.view(-1, *([1] * (like.dim() - 1)))
 
+    def _gather(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+        """``table[t]``: float64 ``[B]`` if ``like`` is None, else cast to ``like``'s dtype and shaped
+        ``[B, 1, ..., 1]`` to broadcast against it."""
+        if like is None:
+            return table.to(t.device)[t]
+        if like.device.type == "mps":  # MPS has no float64
+            table = table.float()
+        out = table.to(like.device)[t.to(like.device)]
+        return out.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    @property
+    def alphas_cumprod_prev(self) -> torch.Tensor:
+        """ᾱ_{t-1} with ᾱ_{-1} := 1 (DDPM eq. 7 at t = 1), float64 ``[T]``."""
+        return torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """True when ᾱ_{T-1} = 0 (Lin et al. 2024): x_{T-1} holds no signal."""
+        return bool(self.alphas_cumprod[-1] <= 0.0)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), float64 ``[T]`` ascending (k-diffusion's discrete sigmas, EDM
+        sec. 2: x_t / sqrt(ᾱ_t) = x_0 + σ_t ε). +inf where ᾱ_t = 0."""
+        a = self.alphas_cumprod
+        return ((1 - a) / a).sqrt()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t) = 1 / σ_t², float64 ``[B]`` (0 at zero terminal SNR)."""
+        a = self.alphas_cumprod.to(t.device)[t]
+        return a / (1 - a)
+
+    def posterior_mean_coef(
+        self, t: torch.Tensor, like: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_0, c_t) of μ̃_t(x_t, x_0) = c_0 x_0 + c_t x_t (DDPM eq. 7):
+        c_0 = sqrt(ᾱ_{t-1}) β_t / (1 - ᾱ_t),  c_t = sqrt(α_t) (1 - ᾱ_{t-1}) / (1 - ᾱ_t).
+        At t = 0 (ᾱ_{-1} = 1) this is (1, 0): x_{-1} = x_0. See :meth:`_gather` for ``like``."""
+        a, a_prev, b = self.alphas_cumprod, self.alphas_cumprod_prev, self.betas
+        c0 = a_prev.sqrt() * b / (1 - a)
+        ct = (1 - b).sqrt() * (1 - a_prev) / (1 - a)
+        return self._gather(c0, t, like), self._gather(ct, t, like)
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """μ̃_t(x_t, x_0) (DDPM eq. 7)."""
+        c0, ct = self.posterior_mean_coef(t, x_t)
+        return c0 * x0 + ct * x_t
+
+    def _posterior_variance_table(self) -> torch.Tensor:
+        # DDPM eq. 7: β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t  (β̃_0 = 0)
+        return (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod) * self.betas
+
+    def posterior_variance(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t (DDPM eq. 7); 0 at t = 0."""
+        return self._gather(self._posterior_variance_table(), t, like)
+
+    def posterior_log_variance_clipped(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """log β̃_t with β̃_0 replaced by β̃_1 (ADM's clipping, as β̃_0 = 0 has no log)."""
+        var = self._posterior_variance_table()
+        var = torch.cat([var[1:2], var[1:]]) if var.shape[0] > 1 else self.betas.clone()
+        return self._gather(var.log(), t, like)
+
+    def log_beta(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """log β_t (the upper bound of the reverse variance, Improved DDPM sec. 3.1)."""
+        return self._gather(self.betas.log(), t, like)
+
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) in ``like``'s dtype, broadcastable to ``like``."""
         a = self.alpha_bar(t, like)
@@ -102,9 +196,15 @@ class NoiseSchedule:
     def pred_to_x0_eps(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: PredictionType
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Convert a network output to (x̂_0, ε̂) at noise level t."""
+        """Convert a network output to (x̂_0, ε̂) at noise level t.
+
+        v and "sample" stay finite at zero SNR (ᾱ_t = 0 gives x̂_0 = -v, ε̂ = x_t); ε-prediction
+        cannot recover x_0 there (see :func:`check_prediction`)."""
         sa, s1a = self._coefs(t, x_t)
-        if prediction_type == "epsilon":
+        if prediction_type == "sample":
+            x0 = model_output
+            eps = (x_t - sa * x0) / s1a  # DDPM eq. 4 solved for ε; 1 - ᾱ_t >= β_0 > 0
+        elif prediction_type == "epsilon":
             eps = model_output
             x0 = (x_t - s1a * eps) / sa  # DDIM eq. 9 (the "predicted x_0")
         elif prediction_type == "v_prediction":
@@ -112,19 +212,88 @@ class NoiseSchedule:
             x0 = sa * x_t - s1a * model_output
             eps = s1a * x_t + sa * model_output
         else:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon or v_prediction")
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected {PREDICTION_TYPES}")
         return x0, eps
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: PredictionType):
-        """The regression target for ``prediction_type``: ε, or v."""
+        """The regression target for ``prediction_type``: ε, v, or x_0 ("sample")."""
         if prediction_type == "epsilon":
             return eps
         if prediction_type == "v_prediction":
             return self.v_target(x0, eps, t)
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon or v_prediction")
+        if prediction_type == "sample":
+            return x0
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected {PREDICTION_TYPES}")
 
 
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     """The schedule described by the ``diffusion`` config section."""
-    betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    rescale = cfg.rescale_betas_zero_snr
+    betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, rescale)
     return NoiseSchedule.from_betas(betas)
+
+
+def check_prediction(schedule: NoiseSchedule, prediction_type: str) -> None:
+    """Raise ValueError if ``prediction_type`` is unknown or ill-posed on ``schedule``.
+
+    ε-prediction at zero terminal SNR (ᾱ_{T-1} = 0) is ill-posed: x_{T-1} = ε exactly, so the
+    network learns the identity and x̂_0 = (x_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ) divides by zero
+    (Lin et al. 2024, sec. 3.2, who switch to v-prediction)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+        raise ValueError("epsilon prediction is ill-posed with a zero-terminal-SNR schedule (alpha_bar_T = 0: "
+                         "x_0 cannot be recovered from eps); use prediction_type 'v_prediction' or 'sample' "
+                         "(Lin et al. 2024, sec. 3.2)")
+
+
+DISCRETE_SCHEDULES = ("linear", "scaled_linear", "cosine")
+SDE_SCHEDULES = ("vp", "subvp", "ve")
+LEARNED_VARIANCE_SAMPLERS = ("ddpm", "iddpm")
+
+
+def check_combination(
+    prediction_type: str,
+    schedule_kind: str,
+    learned_variance: bool,
+    out_channels: int,
+    in_channels: int,
+    sampler: str,
+    *,
+    rescale_zero_snr: bool = False,
+) -> None:
+    """Reject inconsistent configuration combinations with a ValueError that names the fix.
+
+    ``schedule_kind``: a discrete β schedule (linear, scaled_linear, cosine), optionally suffixed
+    ``_zero_snr`` (same as ``rescale_zero_snr=True``), or an SDE (vp, subvp, ve; Song et al. 2021).
+    Rules: learned variance (Improved DDPM sec. 3.1) needs ``out_channels == 2 * in_channels`` and a
+    sampler that reads the variance ("ddpm" or "iddpm"); ε-prediction is ill-posed at zero terminal
+    SNR (Lin et al. 2024); the VE SDE has no ᾱ, so v-prediction is undefined there."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    base = schedule_kind[: -len("_zero_snr")] if schedule_kind.endswith("_zero_snr") else schedule_kind
+    zero_snr = rescale_zero_snr or base != schedule_kind
+    if base not in DISCRETE_SCHEDULES + SDE_SCHEDULES:
+        raise ValueError(f"unknown schedule kind {schedule_kind!r}; expected one of "
+                         f"{DISCRETE_SCHEDULES + SDE_SCHEDULES} (discrete ones may end in '_zero_snr')")
+    if zero_snr and base not in DISCRETE_SCHEDULES:
+        raise ValueError(f"zero-terminal-SNR rescaling applies to discrete beta schedules, not the {base!r} SDE")
+    if learned_variance:
+        if out_channels != 2 * in_channels:
+            raise ValueError(f"learned variance needs out_channels == 2 * in_channels ({2 * in_channels}: mean "
+                             f"and variance interpolation v), got out_channels={out_channels}")
+        if sampler not in LEARNED_VARIANCE_SAMPLERS:
+            raise ValueError(f"learned variance is only used by samplers {LEARNED_VARIANCE_SAMPLERS}; sampler "
+                             f"{sampler!r} would ignore it — pick one of those or disable learned_variance")
+        if base not in DISCRETE_SCHEDULES:
+            raise ValueError(f"learned variance interpolates beta_t and beta-tilde_t of a discrete schedule, "
+                             f"not the {base!r} SDE")
+    elif out_channels != in_channels:
+        raise ValueError(f"out_channels ({out_channels}) must equal in_channels ({in_channels}) "
+                         "without learned variance")
+    if prediction_type == "epsilon" and zero_snr:
+        raise ValueError("epsilon prediction is ill-posed with a zero-terminal-SNR schedule; use "
+                         "'v_prediction' or 'sample' (Lin et al. 2024, sec. 3.2)")
+    if prediction_type == "v_prediction" and base == "ve":
+        raise ValueError("v prediction is not defined for the VE SDE (no alpha_bar; x_t = x_0 + sigma eps); "
+                         "use 'epsilon' or 'sample'")

@@ -26,6 +26,7 @@ from ..train.checkpoint import latest_checkpoint, load_weights
 # diffusers spells the cosine schedule of Improved DDPM "squaredcos_cap_v2".
 TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in TO_DIFFUSERS_SCHEDULE.items()}
+DIFFUSION_FILE = "ldm_train_diffusion.json"
 
 
 class PipelineError(UserError):
@@ -44,6 +45,10 @@ class Pipeline:
 
 
 def diffusion_config_from_scheduler(folder: Path) -> DiffusionConfig:
+    """Our full ``diffusion`` section when the export wrote it, else what a diffusers
+    scheduler config says (schedule, betas, prediction type, zero-SNR rescaling)."""
+    if (folder / DIFFUSION_FILE).is_file():
+        return DiffusionConfig.model_validate(json.loads((folder / DIFFUSION_FILE).read_text()))
     raw = json.loads((folder / "scheduler_config.json").read_text())
     kind = FROM_DIFFUSERS_SCHEDULE.get(raw.get("beta_schedule"))
     if kind is None:
@@ -54,6 +59,7 @@ def diffusion_config_from_scheduler(folder: Path) -> DiffusionConfig:
         beta_start=float(raw["beta_start"]),
         beta_end=float(raw["beta_end"]),
         prediction_type=raw.get("prediction_type", "epsilon"),
+        rescale_betas_zero_snr=bool(raw.get("rescale_betas_zero_snr", False)),
     )
 
 

@@ -5,7 +5,7 @@ import torch
 
 from ..autoencoder.vae import decode_latents
 from ..config import EvalConfig
-from ..diffusion import ddim_sample
+from ..diffusion.sampling import sample_from_config
 from .pipeline import Pipeline
 
 
@@ -20,18 +20,8 @@ def generate(pipe: Pipeline, prompts: list[str], eval_cfg: EvalConfig, device, b
     for i in range(0, len(captions), batch_size):
         chunk = captions[i : i + batch_size]
         noise = torch.randn((len(chunk), *pipe.latent_shape), generator=gen, device=device)
-        z = ddim_sample(
-            pipe.unet,
-            noise,
-            pipe.text(chunk),
-            null,
-            pipe.schedule,
-            steps=eval_cfg.steps,
-            eta=eval_cfg.eta,
-            guidance_scale=eval_cfg.guidance_scale,
-            prediction_type=pipe.diffusion.prediction_type,
-            generator=gen,
-            progress=progress,
+        z = sample_from_config(
+            pipe.unet, noise, pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, gen, progress
         )
         images.append(decode_latents(pipe.vae, z).cpu())
     return torch.cat(images), captions

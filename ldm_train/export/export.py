@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 
 from ..autoencoder.vae import DTYPES
 from ..config import DiffusionConfig, ModelConfig
-from ..eval.pipeline import TO_DIFFUSERS_SCHEDULE
+from ..eval.pipeline import DIFFUSION_FILE, TO_DIFFUSERS_SCHEDULE
 from ..model.convert import write_diffusers_unet
 from ..text.encoder import TextEncoder, save_text_encoder
 
@@ -40,6 +40,7 @@ def scheduler_for(cfg: DiffusionConfig) -> DDIMScheduler:
         set_alpha_to_one=True,
         steps_offset=1,
         timestep_spacing="leading",
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
     )
 
 
@@ -62,6 +63,8 @@ def export_pipeline(
     vae.save_pretrained(partial / "vae", safe_serialization=True)
     save_text_encoder(text, partial / "text_encoder", _text_model_cfg(text))
     scheduler_for(diffusion_cfg).save_config(partial / "scheduler")
+    # The full diffusion section too (learned variance, weighting...), which diffusers has no key for.
+    (partial / "scheduler" / DIFFUSION_FILE).write_text(json.dumps(diffusion_cfg.model_dump(), indent=2))
     index = {
         "_class_name": "ldm_train",
         "unet": "unet",

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from ..autoencoder.vae import to_latent
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
-from ..diffusion import build_schedule, diffusion_loss
+from ..diffusion import build_schedule
+from ..diffusion.objective import build_objective
 from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog
@@ -97,6 +98,7 @@ def train_denoiser(
     step_model = torch.compile(model) if train_cfg.compile else model
     device = accelerator.device
     schedule = build_schedule(diffusion_cfg)
+    objective = build_objective(diffusion_cfg)
     data_gen = torch.Generator().manual_seed(seed + accelerator.process_index)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 + accelerator.process_index)
     null = data.null_context.to(device, torch.float32)
@@ -105,9 +107,7 @@ def train_denoiser(
     for step in bar:
         z, context = sample_batch(data, train_cfg.batch_size, data_gen, device)
         with accelerator.accumulate(model), accelerator.autocast():
-            loss, stats = diffusion_loss(
-                step_model, z, context, null, schedule, diffusion_cfg.prediction_type, diffusion_cfg.cond_drop_prob, noise_gen
-            )
+            loss, stats = objective(step_model, z, context, null, schedule, noise_gen)
             accelerator.backward(loss)
             if accelerator.sync_gradients and train_cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)

@@ -70,9 +70,128 @@ def test_pred_to_x0_eps_round_trip(kind):
         torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
-        s.pred_to_x0_eps(eps, x_t, t, "sample")
+        s.pred_to_x0_eps(eps, x_t, t, "score")
 
 
 def test_schedule_validates_shapes():
     with pytest.raises(ValueError):
         NoiseSchedule(torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), 3)
+
+
+# --- zero terminal SNR, SNR/sigma helpers, x0 ("sample") prediction, config checks -----------------
+
+
+from diffusers import EulerDiscreteScheduler  # noqa: E402
+
+from ldm_train.diffusion.schedule import (  # noqa: E402
+    check_combination,
+    check_prediction,
+    rescale_zero_terminal_snr,
+)
+
+
+def _zero_snr_pair():
+    hf = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, rescale_betas_zero_snr=True)
+    cfg = DiffusionConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    return hf, build_schedule(cfg)
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
+def test_rescale_zero_terminal_snr(kind):
+    betas = make_betas(kind, 1000, 0.00085, 0.012)
+    rescaled = rescale_zero_terminal_snr(betas)
+    a, a_new = torch.cumprod(1 - betas, 0), torch.cumprod(1 - rescaled, 0)
+    assert a_new[-1] == 0 and rescaled[-1] == 1
+    torch.testing.assert_close(a_new[0], a[0], rtol=1e-12, atol=0)  # Lin et al. Alg. 1 keeps ᾱ_0
+    assert (a_new[1:] < a_new[:-1]).all()
+    torch.testing.assert_close(make_betas(kind, 1000, 0.00085, 0.012, rescale_zero_snr=True), rescaled)
+
+
+def test_zero_snr_matches_diffusers_and_v_is_finite():
+    hf, s = _zero_snr_pair()
+    # diffusers rescales in float32; we do it in float64
+    torch.testing.assert_close(s.alphas_cumprod.float(), hf.alphas_cumprod, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s.betas.float(), hf.betas, atol=1e-5, rtol=1e-4)
+    assert s.zero_terminal_snr and not build_schedule(DiffusionConfig()).zero_terminal_snr
+    x0, eps, _ = _batch()
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(s.add_noise(x0, eps, t), hf.add_noise(x0, eps, t), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s.v_target(x0, eps, t), hf.get_velocity(x0, eps, t), atol=1e-6, rtol=1e-5)
+    x_t = s.add_noise(x0, eps, t)
+    for ptype, out in [("v_prediction", s.v_target(x0, eps, t)), ("sample", x0)]:
+        x0_hat, eps_hat = s.pred_to_x0_eps(out, x_t, t, ptype)
+        assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
+        torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
+    assert s.snr(torch.tensor([999])).item() == 0.0 and s.sigmas[-1] == float("inf")
+    check_prediction(s, "v_prediction")
+    check_prediction(s, "sample")
+    with pytest.raises(ValueError, match="ill-posed"):
+        check_prediction(s, "epsilon")
+    check_prediction(build_schedule(DiffusionConfig()), "epsilon")
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        check_prediction(s, "score")
+
+
+def test_snr_and_sigmas_match_k_diffusion_definition():
+    s = build_schedule(DiffusionConfig())
+    hf = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012)
+    ac = hf.alphas_cumprod.double()
+    torch.testing.assert_close(s.sigmas, ((1 - ac) / ac).sqrt(), rtol=1e-4, atol=0)  # diffusers: float32 ᾱ
+    t = torch.arange(1000)
+    torch.testing.assert_close(s.snr(t), s.sigmas**-2, rtol=1e-12, atol=0)
+    assert (s.sigmas[1:] > s.sigmas[:-1]).all()
+
+
+@pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
+def test_sample_prediction_round_trip(kind):
+    s = build_schedule(DiffusionConfig(beta_schedule=kind))
+    x0, eps, _ = _batch(1)
+    t = torch.tensor([10, 100, 500, 999])  # at t=0, ε = (x_t - sqrt(ᾱ) x_0)/sqrt(1-ᾱ) amplifies rounding
+    x0_hat, eps_hat = s.pred_to_x0_eps(x0, s.add_noise(x0, eps, t), t, "sample")
+    assert torch.equal(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_target_and_diffusers_x0_step():
+    s = build_schedule(DiffusionConfig())
+    x0, eps, t = _batch(2)
+    assert torch.equal(s.target(x0, eps, t, "sample"), x0)
+    with pytest.raises(ValueError):
+        s.target(x0, eps, t, "score")
+    # diffusers' DDPMScheduler with prediction_type="sample" forms the same posterior mean μ̃(x_t, x̂_0)
+    hf = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, prediction_type="sample", clip_sample=False, variance_type="fixed_small")
+    x_t = s.add_noise(x0[:1], eps[:1], torch.tensor([500]))
+    out = hf.step(x0[:1], 500, x_t, generator=torch.Generator().manual_seed(0))
+    # step() adds σ z; undo it by comparing against our mean with the same z (DDPM eq. 6-7)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(x_t.shape, generator=g)
+    ours = s.posterior_mean(x0[:1], x_t, torch.tensor([500])) + s.posterior_variance(torch.tensor([500])).sqrt().float() * z
+    torch.testing.assert_close(out.prev_sample, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,match", [
+    (("epsilon", "linear", True, 4, 4, "ddpm"), "out_channels == 2"),
+    (("epsilon", "linear", True, 8, 4, "ddim"), "only used by samplers"),
+    (("epsilon", "ve", True, 8, 4, "ddpm"), "discrete schedule"),
+    (("epsilon", "scaled_linear_zero_snr", False, 4, 4, "ddim"), "ill-posed"),
+    (("v_prediction", "ve", False, 4, 4, "pc"), "not defined for the VE SDE"),
+    (("epsilon", "quadratic", False, 4, 4, "ddim"), "unknown schedule kind"),
+    (("eps", "linear", False, 4, 4, "ddim"), "unknown prediction_type"),
+    (("epsilon", "linear", False, 8, 4, "ddim"), "must equal in_channels"),
+])
+def test_check_combination_rejects(args, match):
+    with pytest.raises(ValueError, match=match):
+        check_combination(*args)
+
+
+def test_check_combination_accepts_and_keyword_zero_snr():
+    check_combination("epsilon", "cosine", True, 8, 4, "iddpm")
+    check_combination("v_prediction", "scaled_linear_zero_snr", False, 4, 4, "ddim")
+    check_combination("epsilon", "ve", False, 4, 4, "pc")
+    check_combination("v_prediction", "vp", False, 4, 4, "euler")
+    with pytest.raises(ValueError, match="ill-posed"):
+        check_combination("epsilon", "linear", False, 4, 4, "ddim", rescale_zero_snr=True)
