@@ -105,8 +105,20 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
     raise SystemExit(f"ldm-train {args.command}: not implemented yet (see the issue tracker)")
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but ``KEY=VALUE`` overrides may also come after flags (``--overwrite a.b=1``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "slurm":
         print("ldm-train slurm: not implemented yet; it arrives with the Slurm issue", file=sys.stderr)
         return 2

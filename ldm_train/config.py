@@ -159,6 +159,18 @@ class DiffusionConfig(Section):
     logit_std: float = Field(1.0, gt=0)
     learned_variance: bool = False
     vlb_weight: float = Field(0.001, ge=0)
+    # Score-based formulations (ldm_train.diffusion.score_based): the SDEs of Song et al. 2021
+    # (VP/sub-VP with sde_beta_min/max, VE with sigma_min/max) and NCSN (num_scales geometric
+    # sigma levels, Song & Ermon). objective: denoising (dsm) or sliced score matching (ssm, ssm_vr).
+    formulation: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn"] = "ddpm"
+    objective: Literal["dsm", "ssm", "ssm_vr"] = "dsm"
+    sde_beta_min: float = Field(0.1, gt=0)
+    sde_beta_max: float = Field(20.0, gt=0)
+    sigma_min: float = Field(0.01, gt=0)
+    sigma_max: float = Field(50.0, gt=0)
+    num_scales: int = Field(232, gt=1)
+    n_projections: int = Field(1, gt=0)
+    t_eps: float = Field(1e-5, gt=0, lt=1)
 
 
 class TrainConfig(Section):
@@ -192,12 +204,21 @@ class DistributedConfig(Section):
 class EvalConfig(Section):
     """Sampling for grids and metrics."""
 
-    # See ldm_train.diffusion.sampling: ddim, ddpm, iddpm (learned variance), euler, heun, dpmpp_2m.
-    sampler: Literal["ddim", "ddpm", "iddpm", "euler", "heun", "dpmpp_2m"] = "ddim"
+    # See ldm_train.diffusion.sampling: ddim, ddpm, iddpm (learned variance), euler, heun, dpmpp_2m
+    # for diffusion.formulation=ddpm; pf_ode, pc for the SDEs; annealed_langevin for ncsn.
+    sampler: Literal[
+        "ddim", "ddpm", "iddpm", "euler", "heun", "dpmpp_2m", "pf_ode", "pc", "annealed_langevin"
+    ] = "ddim"
     steps: int = Field(50, gt=0)
     eta: float = Field(0.0, ge=0.0)  # DDIM only: 0 deterministic, 1 DDPM-like
-    spacing: Literal["leading", "trailing"] = "leading"  # DDIM/DDPM timestep respacing
+    spacing: Literal["leading", "trailing", "quadratic"] = "leading"  # DDIM/DDPM timestep respacing
     s_churn: float = Field(0.0, ge=0.0)  # Euler/Heun stochasticity (Karras et al. 2022, Alg. 2)
+    pc_predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"
+    pc_corrector: Literal["langevin", "none"] = "langevin"
+    snr: float = Field(0.16, gt=0)  # Langevin corrector signal-to-noise ratio (Song et al. 2021)
+    n_corrector: int = Field(1, ge=0)
+    langevin_steps_per_sigma: int = Field(5, gt=0)  # annealed Langevin (Song & Ermon 2019, Alg. 1)
+    langevin_step_lr: float = Field(2e-5, gt=0)
     guidance_scale: float = Field(3.0, ge=0.0)
     seed: int = 0
     samples_per_prompt: int = Field(4, gt=0)

@@ -23,6 +23,7 @@ from .autoencoder.train_vae import reconstruct, train_vae
 from .autoencoder.vae import load_vae
 from .config import Config, ConfigError, dump_config
 from .diffusion.schedule import check_combination
+from .diffusion.score_based import check_formulation
 from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, load_images
 from .eval.pipeline import PipelineError, load_pipeline
@@ -44,15 +45,17 @@ def check_config(cfg: Config, source: str) -> None:
     """Cross-section consistency (diffusion x model x eval), before any work starts."""
     d = cfg.diffusion
     try:
-        check_combination(
-            d.prediction_type, d.beta_schedule, d.learned_variance, cfg.model.out_channels,
-            cfg.model.in_channels, cfg.eval.sampler, rescale_zero_snr=d.rescale_betas_zero_snr,
-        )
+        check_formulation(d, cfg.eval.sampler)
+        if d.formulation == "ddpm":
+            check_combination(
+                d.prediction_type, d.beta_schedule, d.learned_variance, cfg.model.out_channels,
+                cfg.model.in_channels, cfg.eval.sampler, rescale_zero_snr=d.rescale_betas_zero_snr,
+            )
     except ValueError as e:
         raise ConfigError(
             f"inconsistent configuration [in {source}]: {e} "
             "(keys: diffusion.prediction_type, diffusion.beta_schedule, diffusion.rescale_betas_zero_snr, "
-            "diffusion.learned_variance, model.in_channels, model.out_channels, eval.sampler)"
+            "diffusion.learned_variance, diffusion.formulation, model.in_channels, model.out_channels, eval.sampler)"
         ) from None
 
 
@@ -164,7 +167,10 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_prompts: int, o
     pipe = load_pipeline(checkpoint, device)
     val = load_latents(cfg.path(cfg.latents.dir) / "val")
     prepare_output(out_dir, overwrite, "eval")
-    metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
+    if pipe.diffusion.formulation == "ddpm":
+        metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
+    else:  # the fixed-timestep loss is defined for the discrete process only
+        metrics = {"val_loss": None, "val_loss_note": f"not defined for formulation {pipe.diffusion.formulation}"}
     prompts = sorted(set(val.captions))[:num_prompts]
     images, captions = generate(pipe, prompts, cfg.eval, device)
     grid = save_grid(out_dir / "val_samples.png", images, ncols=cfg.eval.samples_per_prompt, captions=captions)

@@ -28,7 +28,7 @@ import torch
 from ldm_train.diffusion.losses import Denoiser, drop_context
 from ldm_train.diffusion.schedule import NoiseSchedule, PredictionType
 
-Spacing = Literal["leading", "trailing"]
+Spacing = Literal["leading", "trailing", "quadratic"]
 
 
 def ddim_timesteps(
@@ -45,8 +45,15 @@ def ddim_timesteps(
         # float ratio T/steps; torch.round rounds half to even like numpy, as diffusers does
         ts = torch.arange(steps, dtype=torch.float64) * (T / steps)
         return torch.round(T - ts).to(torch.int64) - 1
+    elif spacing == "quadratic":
+        # DDIM sec. 5 / App. D.2 (their CIFAR-10 setting): tau_i = floor((sqrt(0.8 T) i / (S-1))^2),
+        # dense near t = 0; the offset keeps the timesteps distinct when S is close to T.
+        ts = (torch.linspace(0, math.sqrt(T * 0.8), steps, dtype=torch.float64) ** 2).floor().to(torch.int64)
+        ts = torch.maximum(ts, torch.arange(steps, dtype=torch.int64))
+        if ts.unique().numel() != steps:
+            raise ValueError(f"quadratic spacing gives repeated timesteps for {steps} of {T}; use fewer steps")
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; expected leading or trailing")
+        raise ValueError(f"unknown spacing {spacing!r}; expected leading, trailing or quadratic")
     if ts.max() >= T:
         raise ValueError(f"steps_offset={steps_offset} pushes timestep {int(ts.max())} past T-1={T - 1}; "
                          "use fewer steps or spacing='trailing'")

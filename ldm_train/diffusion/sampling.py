@@ -8,7 +8,9 @@ generator)`` returns x_0 latents with the configured sampler:
   learned variance when ``diffusion.learned_variance``);
 - ``iddpm``: Improved DDPM respacing with the learned variance (Nichol & Dhariwal 2021);
 - ``euler``, ``heun``, ``dpmpp_2m``: on the Karras et al. 2022 sigma grid (``s_churn`` for
-  Euler/Heun); DPM-Solver++(2M) of Lu et al. 2022.
+  Euler/Heun); DPM-Solver++(2M) of Lu et al. 2022;
+- ``pf_ode``, ``pc``: probability-flow ODE and predictor-corrector for the SDE formulations;
+  ``annealed_langevin`` for NCSN (see ``score_based``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ldm_train.diffusion.karras import karras_sample
 from ldm_train.diffusion.losses import Denoiser
 from ldm_train.diffusion.samplers import ddim_sample
 from ldm_train.diffusion.schedule import NoiseSchedule
+from ldm_train.diffusion.score_based import sample_score_based
 
 
 def sample_from_config(
@@ -33,6 +36,8 @@ def sample_from_config(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
+    if diffusion_cfg.formulation != "ddpm":
+        return sample_score_based(denoiser, noise, context, null_context, eval_cfg, diffusion_cfg, generator)
     common = dict(guidance_scale=eval_cfg.guidance_scale, prediction_type=diffusion_cfg.prediction_type, generator=generator)
     name = eval_cfg.sampler
     if name == "ddim":

@@ -153,3 +153,14 @@ def test_guidance_needs_null_context(schedule):
     with pytest.raises(ValueError, match="null_context"):
         ddim_sample(_conv_denoiser(), noise, ctx, None, schedule, 2, guidance_scale=2.0)
     assert ddim_sample(_conv_denoiser(), noise, ctx, None, schedule, 2).shape == noise.shape
+
+
+def test_quadratic_spacing_is_ddims_formula():
+    """DDIM App. D.2: tau_i = floor((sqrt(0.8 T) * i / (S - 1))^2), sampled in descending order."""
+    import math
+
+    ts = ddim_timesteps(1000, 10, "quadratic")
+    expected = [math.floor((math.sqrt(800) * i / 9) ** 2) for i in range(10)][::-1]
+    assert ts.tolist() == expected
+    dense = ddim_timesteps(1000, 900, "quadratic")
+    assert (dense[:-1] > dense[1:]).all() and int(dense.max()) <= 999
