@@ -60,7 +60,7 @@ def ddim_timesteps(
     return ts.flip(0)
 
 
-def guided_eps(
+def guided_prediction(
     denoiser: Denoiser,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -69,32 +69,40 @@ def guided_eps(
     schedule: NoiseSchedule,
     guidance_scale: float,
     prediction_type: PredictionType,
-) -> torch.Tensor:
-    """ε̃(x_t): the conditional ε, or with guidance ε(∅) + s (ε(c) - ε(∅)) (Ho & Salimans eq. 6),
-    from one denoiser call on the batch [uncond, cond]. v-outputs are converted to ε first."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̃_0, ε̃) at x_t: conditional, or with guidance ε(∅) + s (ε(c) - ε(∅)) (Ho & Salimans
+    eq. 6) from one denoiser call on the batch [uncond, cond]. x̂_0 and ε are both affine in the
+    network output for fixed x_t, so guiding each is the same guidance; returning x̂_0 directly
+    (rather than recomputing it from ε) keeps ᾱ_t = 0 (zero terminal SNR) finite."""
     if guidance_scale == 1.0:
-        out = denoiser(x_t, t, context)
-        return schedule.pred_to_x0_eps(out, x_t, t, prediction_type)[1]
+        return schedule.pred_to_x0_eps(denoiser(x_t, t, context), x_t, t, prediction_type)
     if null_context is None:
         raise ValueError("guidance_scale != 1 needs a null_context")
     B = x_t.shape[0]
     null = drop_context(context, null_context, torch.ones(B, dtype=torch.bool, device=context.device))
     x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
     out = denoiser(x_in, t_in, torch.cat([null, context]))
-    _, eps = schedule.pred_to_x0_eps(out, x_in, t_in, prediction_type)
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    x0, eps = schedule.pred_to_x0_eps(out, x_in, t_in, prediction_type)
+    (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
+    return x0_u + guidance_scale * (x0_c - x0_u), eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def guided_eps(*args, **kwargs) -> torch.Tensor:
+    """ε̃ only (see :func:`guided_prediction`)."""
+    return guided_prediction(*args, **kwargs)[1]
 
 
 def ddim_step(
     x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, eta: float,
-    noise: torch.Tensor | None,
+    noise: torch.Tensor | None, x0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One DDIM update x_t -> x_{t_prev} (DDIM eq. 12) with σ_t(η) from eq. 16.
 
     ``alpha_bar``/``alpha_bar_prev`` are ᾱ_t, ᾱ_prev as Python floats (float64 math, no device
-    transfers); ``noise`` is z ~ N(0, I), or None for η = 0."""
-    x0 = (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)  # eq. 9, predicted x_0
+    transfers); ``noise`` is z ~ N(0, I), or None for η = 0. ``x0`` (x̂_0) is derived from ε
+    when not given, which needs ᾱ_t > 0."""
+    if x0 is None:
+        x0 = (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)  # eq. 9, predicted x_0
     # eq. 16: σ_t = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)
     sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
     # eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε_θ + σ z
@@ -145,12 +153,12 @@ def ddim_sample(
     x = noise
     for i, t_int in enumerate(_progress(timesteps, progress)):
         t = torch.full((x.shape[0],), int(t_int), dtype=torch.int64, device=device)
-        eps = guided_eps(denoiser, x, t, context, null_context, schedule, guidance_scale, prediction_type)
+        x0, eps = guided_prediction(denoiser, x, t, context, null_context, schedule, guidance_scale, prediction_type)
         alpha_bar_prev = table[int(timesteps[i + 1])] if i + 1 < steps else final
         z = None
         if eta > 0:
             z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        x = ddim_step(x, eps, table[int(t_int)], alpha_bar_prev, eta, z)
+        x = ddim_step(x, eps, table[int(t_int)], alpha_bar_prev, eta, z, x0)
         if callback is not None:
             callback(i, x)
     return x

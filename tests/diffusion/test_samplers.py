@@ -164,3 +164,25 @@ def test_quadratic_spacing_is_ddims_formula():
     assert ts.tolist() == expected
     dense = ddim_timesteps(1000, 900, "quadratic")
     assert (dense[:-1] > dense[1:]).all() and int(dense.max()) <= 999
+
+
+def test_ddim_zero_terminal_snr_v_prediction_matches_diffusers():
+    """Lin et al. 2024's recipe: zero terminal SNR, v prediction, trailing spacing; every step too."""
+    zsnr = build_schedule(CFG.model_copy(update={"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}))
+    hf = DDIMScheduler(num_train_timesteps=CFG.num_train_timesteps, beta_schedule=CFG.beta_schedule,
+                       beta_start=CFG.beta_start, beta_end=CFG.beta_end, clip_sample=False, set_alpha_to_one=True,
+                       timestep_spacing="trailing", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    den = _conv_denoiser()
+    noise, ctx, null = _inputs()
+    ours_steps, ref_steps = [], []
+    ours = ddim_sample(den, noise, ctx, null, zsnr, 10, prediction_type="v_prediction", spacing="trailing",
+                       callback=lambda i, x: ours_steps.append(x.clone()))
+    hf.set_timesteps(10)
+    x = noise
+    with torch.no_grad():
+        for t in hf.timesteps:
+            x = hf.step(den(x, t.expand(x.shape[0]), ctx), t, x).prev_sample
+            ref_steps.append(x.clone())
+    assert torch.isfinite(ours).all()
+    for a, b in zip(ours_steps, ref_steps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
