@@ -49,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, required=True, help="PNG grid to write")
     _common(sample)
 
-    ev = sub.add_parser("eval", help="held-out denoising loss + validation sample grid")
+    ev = sub.add_parser("eval", help="samples for validation captions + held-out loss -> report, images, grid")
     ev.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default: {run}/eval)")
-    ev.add_argument("--num-prompts", type=int, default=8, help="validation captions to sample")
+    ev.add_argument("--num-samples", type=int, default=32, help="images to sample, one per validation caption (cycled)")
+    ev.add_argument("--sampler", default=None, help="override eval.sampler")
+    ev.add_argument("--steps", type=int, default=None, help="override eval.steps")
+    ev.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
+    ev.add_argument("--shards", action="store_true", help="also write the images as WebDataset shards (img2dataset layout)")
     _common(ev)
 
     export = sub.add_parser("export", help="EMA U-Net + VAE + text tower + scheduler -> inference folder")
@@ -87,7 +91,7 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         return stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite)
     if args.command == "eval":
         out = args.out if args.out is not None else cfg.path("{run}") / "eval"
-        return stages.eval_stage(args.checkpoint, cfg, out, args.num_prompts, args.overwrite)
+        return stages.eval_stage(args.checkpoint, cfg, out, args.num_samples, args.overwrite, args.shards)
     if args.command == "export":
         out = args.out if args.out is not None else cfg.path(cfg.export.dir)
         summary = stages.export_stage(cfg, out, args.overwrite)
@@ -103,6 +107,14 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         print_summary(summary)
         return {}
     raise SystemExit(f"ldm-train {args.command}: not implemented yet (see the issue tracker)")
+
+
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """``eval --sampler/--steps/--guidance`` are shorthands for the ``eval.*`` keys (validated the same way)."""
+    if args.command != "eval":
+        return []
+    pairs = (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance))
+    return [f"eval.{key}={value}" for key, value in pairs if value is not None]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config_path = getattr(args, "config", None)
-        cfg = load_config(config_path, getattr(args, "overrides", ()))
+        cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args)])
         from .stages import check_config
 
         check_config(cfg, str(config_path or "<defaults>") + " + overrides")

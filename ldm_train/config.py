@@ -186,6 +186,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    eval_every: int = Field(0, ge=0)  # sample grids on the EMA weights every N steps and at the end; 0 = off
     # Speed: torch.compile of the model, channels_last memory format, fused AdamW kernel.
     compile: bool = False
     channels_last: bool = False

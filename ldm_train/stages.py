@@ -14,6 +14,7 @@ Where things go (``{run}`` = ``run.dir``)::
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from .config import Config, ConfigError, dump_config
 from .diffusion.schedule import check_combination
 from .diffusion.score_based import check_formulation
 from .data.emoji import build_emoji_shards
-from .data.shards import SkipReport, load_images
+from .data.shards import SkipReport, load_images, write_shards
 from .eval.pipeline import PipelineError, load_pipeline
+from .eval.periodic import make_periodic_eval
 from .eval.sample import generate
 from .eval.validate import validation_loss
 from .export.export import export_pipeline
@@ -37,7 +39,7 @@ from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
 from .train.checkpoint import latest_checkpoint, load_weights
 from .train.loop import make_accelerator, train_denoiser
-from .utils.images import plot_losses, save_grid
+from .utils.images import plot_losses, save_grid, to_pil
 from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
 
 
@@ -134,8 +136,9 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     data = load_latents(cfg.path(cfg.latents.dir) / "train")
     accelerator = make_accelerator(cfg.distributed)
     log = MetricsLog(run / "metrics.jsonl")
+    eval_fn = periodic_eval(cfg, run, data, accelerator.device, log) if cfg.train.eval_every > 0 else None
     model, ema, result = train_denoiser(
-        cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log
+        cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn
     )
     curves = {"denoiser loss": result.losses}
     vae_points = last_segment([(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"])
@@ -151,6 +154,16 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     }
 
 
+def periodic_eval(cfg: Config, run: Path, data, device, log: MetricsLog):
+    """The in-training evaluation: configured prompts, or the first validation captions."""
+    prompts = list(cfg.eval.prompts) or sorted(set(load_latents(cfg.path(cfg.latents.dir) / "val").captions))[:8]
+    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
+    text = load_text_encoder(cfg.path(cfg.text.dir)).to(device)
+    return make_periodic_eval(
+        run, vae, text, cfg.diffusion, cfg.eval, prompts, data.manifest["latent_shape"], device, log
+    )
+
+
 def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool) -> dict:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -161,22 +174,53 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
     return {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
 
 
-def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_prompts: int, overwrite: bool) -> dict:
-    """Held-out denoising loss on the validation latents and a grid of validation captions."""
+def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, overwrite: bool, shards: bool = False) -> dict:
+    """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
+    sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
+    denoising loss and the protocol go to ``out_dir``."""
     device = pick_device(cfg.distributed.cpu)
     pipe = load_pipeline(checkpoint, device)
     val = load_latents(cfg.path(cfg.latents.dir) / "val")
     prepare_output(out_dir, overwrite, "eval")
+    t0 = time.time()
     if pipe.diffusion.formulation == "ddpm":
         metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
     else:  # the fixed-timestep loss is defined for the discrete process only
         metrics = {"val_loss": None, "val_loss_note": f"not defined for formulation {pipe.diffusion.formulation}"}
-    prompts = sorted(set(val.captions))[:num_prompts]
-    images, captions = generate(pipe, prompts, cfg.eval, device)
-    grid = save_grid(out_dir / "val_samples.png", images, ncols=cfg.eval.samples_per_prompt, captions=captions)
-    report = {"source": pipe.source, "val_samples": len(val), **metrics, "grid": str(grid), "eval": cfg.eval.model_dump()}
+    captions = sorted(set(val.captions))
+    prompts = [captions[i % len(captions)] for i in range(num_samples)]
+    one_each = cfg.eval.model_copy(update={"samples_per_prompt": 1})
+    images, prompts = generate(pipe, prompts, one_each, device, progress=True)
+    files = write_eval_images(out_dir, images, prompts, shards)
+    grid = save_grid(out_dir / "val_samples.png", images[:32], ncols=8, captions=prompts[:32])
+    report = {
+        "source": pipe.source,
+        "val_samples": len(val),
+        **metrics,
+        "num_samples": len(prompts),
+        "seconds": round(time.time() - t0, 2),
+        "grid": str(grid),
+        "images": files,
+        "eval": cfg.eval.model_dump(),
+    }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def write_eval_images(out_dir: Path, images, prompts: list[str], shards: bool) -> dict:
+    """PNG files + a JSON index of their prompts; optionally the same as img2dataset-layout shards."""
+    folder = out_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [f"sample_{i:06d}" for i in range(len(prompts))]
+    pils = [to_pil(img) for img in images]
+    for key, pil in zip(keys, pils):
+        pil.save(folder / f"{key}.png")
+    (folder / "index.json").write_text(json.dumps(dict(zip(keys, prompts)), indent=2))
+    out = {"folder": str(folder)}
+    if shards:
+        samples = ((k, p, c, {"index": i}) for i, (k, p, c) in enumerate(zip(keys, pils, prompts)))
+        out["shards"] = [str(s) for s in write_shards(samples, out_dir / "shards", "samples", 1000)]
+    return out
 
 
 def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:

@@ -155,7 +155,8 @@ def test_sample_from_export_writes_grid(micro_run, tmp_path, capsys):
 
 def test_eval_on_run_folder(micro_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["eval", "--checkpoint", str(micro_run.run), "--out", str(out), "--num-prompts", "2",
+    argv = ["eval", "--checkpoint", str(micro_run.run), "--out", str(out), "--num-samples", "3",
+            "--steps", "2", "--sampler", "heun", "--shards",
             "--config", str(MICRO), f"run.dir={micro_run.run}", "distributed.cpu=true"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -164,6 +165,12 @@ def test_eval_on_run_folder(micro_run, tmp_path, capsys):
     assert report["val_samples"] == micro_run.n_val
     assert {"val_loss", "t50", "t950"} <= set(report)
     assert (out / "val_samples.png").is_file()
+    assert report["num_samples"] == 3 and report["eval"]["sampler"] == "heun" and report["eval"]["steps"] == 2
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"sample_{i:06d}.png" for i in range(3)]
+    from ldm_train.data.shards import SkipReport, iter_samples
+
+    rescored = list(iter_samples(str(out / "shards"), 32, SkipReport()))
+    assert [s["caption"] for s in rescored] == list(json.loads((out / "images" / "index.json").read_text()).values())
     assert main(argv) == 2  # report folder exists now
     assert "--overwrite" in capsys.readouterr().err
 

@@ -74,11 +74,11 @@ def train_denoiser(
     run_dir: Path,
     seed: int,
     log: MetricsLog,
-    eval_fn: Callable[[int, torch.nn.Module], None] | None = None,
-    eval_every: int = 0,
+    eval_fn: Callable[[int, torch.nn.Module], object] | None = None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent cache; returns (model, EMA, summary). Checkpoints go to
-    ``run_dir/checkpoints``; ``eval_fn(step, ema_model)`` runs every ``eval_every`` steps."""
+    ``run_dir/checkpoints``; ``eval_fn(step, ema_model)`` runs every ``train.eval_every`` steps
+    and at the end (on the main process)."""
     torch.manual_seed(seed)
     model = build_unet(model_cfg)
     if model_cfg.init_from is not None:
@@ -126,8 +126,10 @@ def train_denoiser(
             bar.set_postfix(loss=f"{value:.4f}")
         if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
             ckpt = _checkpoint(accelerator, run_dir, done, model, ema, opt, sched)
-        if eval_fn is not None and eval_every > 0 and done % eval_every == 0:
-            eval_fn(done, _ema_model(model_cfg, ema, device))
+        every = train_cfg.eval_every
+        if eval_fn is not None and every > 0 and (done % every == 0 or done == train_cfg.steps):
+            if accelerator.is_main_process:
+                eval_fn(done, _ema_model(model_cfg, ema, device))
     tail = [v for _, v in losses[-5:]] or [float("nan")]
     result = TrainResult(train_cfg.steps, sum(tail) / len(tail), time.time() - t0, ckpt, losses)
     return accelerator.unwrap_model(model), ema, result
