@@ -220,6 +220,16 @@ class EvalConfig(Section):
     n_corrector: int = Field(1, ge=0)
     langevin_steps_per_sigma: int = Field(5, gt=0)  # annealed Langevin (Song & Ermon 2019, Alg. 1)
     langevin_step_lr: float = Field(2e-5, gt=0)
+    # Metrics (ldm_train.eval.metrics; the pinned FID protocol is in its docstring). Weights are
+    # local files only: without them the metric is reported as unavailable, naming the key.
+    inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05-6726825d.pth
+    fid_feature: Literal[64, 192, 768, 2048] = 2048
+    fid_resize: Literal["tf1_bilinear", "bilinear_antialias"] = "tf1_bilinear"
+    fid_reference_dir: str = "{run}/eval/fid_reference"
+    kid_subset_size: int = Field(1000, gt=0)
+    kid_subsets: int = Field(100, gt=0)
+    clip_model: str | None = "ViT-B-32"
+    clip_weights: str | None = None  # a local open_clip checkpoint of clip_model
     guidance_scale: float = Field(3.0, ge=0.0)
     seed: int = 0
     samples_per_prompt: int = Field(4, gt=0)

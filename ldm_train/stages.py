@@ -28,6 +28,7 @@ from .diffusion.score_based import check_formulation
 from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, load_images, write_shards
 from .eval.pipeline import PipelineError, load_pipeline
+from .eval.metrics import evaluate_images, to_uint8
 from .eval.periodic import make_periodic_eval
 from .eval.sample import generate
 from .eval.validate import validation_loss
@@ -192,6 +193,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     one_each = cfg.eval.model_copy(update={"samples_per_prompt": 1})
     images, prompts = generate(pipe, prompts, one_each, device, progress=True)
     files = write_eval_images(out_dir, images, prompts, shards)
+    metrics.update(image_metrics(cfg, images, prompts))
     grid = save_grid(out_dir / "val_samples.png", images[:32], ncols=8, captions=prompts[:32])
     report = {
         "source": pipe.source,
@@ -205,6 +207,20 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def image_metrics(cfg: Config, images, prompts: list[str]) -> dict:
+    """FID/KID against the validation images and CLIP score against the prompts (or, without
+    local weights, why not: see ``eval.inception_weights`` / ``eval.clip_weights``)."""
+    e = cfg.eval
+    real, _, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport())
+    key = {"dataset": cfg.shards(cfg.data.val_shards), "resolution": cfg.data.resolution, "resize": e.fid_resize}
+    return evaluate_images(
+        to_uint8(images), real, prompts, inception_weights=e.inception_weights, feature=e.fid_feature,
+        resize=e.fid_resize, reference_cache=cfg.path(e.fid_reference_dir), reference_key=key,
+        kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, clip_model=e.clip_model,
+        clip_weights=e.clip_weights, seed=e.seed,
+    )
 
 
 def write_eval_images(out_dir: Path, images, prompts: list[str], shards: bool) -> dict:
