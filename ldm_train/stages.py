@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import Accelerator
 
 from .autoencoder.train_vae import reconstruct, train_vae
 from .autoencoder.vae import load_vae
@@ -29,6 +30,7 @@ from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, load_images, write_shards
 from .eval.pipeline import PipelineError, load_pipeline
 from .eval.metrics import evaluate_images, to_uint8
+from .eval.distributed import generate_across_ranks
 from .eval.periodic import make_periodic_eval
 from .eval.sample import generate
 from .eval.validate import validation_loss
@@ -179,19 +181,25 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
-    device = pick_device(cfg.distributed.cpu)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # every rank, before any writes
+        raise OutputExistsError(f"eval output {out_dir} already exists and is not empty; pass --overwrite to replace it")
+    accelerator = Accelerator(cpu=cfg.distributed.cpu)
+    device = accelerator.device
     pipe = load_pipeline(checkpoint, device)
     val = load_latents(cfg.path(cfg.latents.dir) / "val")
-    prepare_output(out_dir, overwrite, "eval")
     t0 = time.time()
+    captions = sorted(set(val.captions))
+    prompts = [captions[i % len(captions)] for i in range(num_samples)]
+    one_each = cfg.eval.model_copy(update={"samples_per_prompt": 1})
+    images, prompts = generate_across_ranks(pipe, prompts, one_each, accelerator, progress=accelerator.is_main_process)
+    sample_seconds = round(time.time() - t0, 2)
+    if not accelerator.is_main_process:
+        return {}
+    prepare_output(out_dir, True, "eval")
     if pipe.diffusion.formulation == "ddpm":
         metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
     else:  # the fixed-timestep loss is defined for the discrete process only
         metrics = {"val_loss": None, "val_loss_note": f"not defined for formulation {pipe.diffusion.formulation}"}
-    captions = sorted(set(val.captions))
-    prompts = [captions[i % len(captions)] for i in range(num_samples)]
-    one_each = cfg.eval.model_copy(update={"samples_per_prompt": 1})
-    images, prompts = generate(pipe, prompts, one_each, device, progress=True)
     files = write_eval_images(out_dir, images, prompts, shards)
     metrics.update(image_metrics(cfg, images, prompts))
     grid = save_grid(out_dir / "val_samples.png", images[:32], ncols=8, captions=prompts[:32])
@@ -200,6 +208,8 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
         "val_samples": len(val),
         **metrics,
         "num_samples": len(prompts),
+        "processes": accelerator.num_processes,
+        "sampling_seconds": sample_seconds,
         "seconds": round(time.time() - t0, 2),
         "grid": str(grid),
         "images": files,

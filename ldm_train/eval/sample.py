@@ -1,4 +1,5 @@
-"""Text-to-image sampling with a loaded :class:`Pipeline`: prompts -> DDIM latents -> images."""
+"""Text-to-image sampling with a loaded :class:`Pipeline`: prompts -> latents -> images, on one
+process or split across the ranks of a launcher (each rank its share, gathered in order)."""
 from __future__ import annotations
 
 import torch
@@ -10,18 +11,38 @@ from .pipeline import Pipeline
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts: list[str], eval_cfg: EvalConfig, device, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """``samples_per_prompt`` images for each prompt, seeded by ``eval_cfg.seed`` so the same call
-    gives the same images. Returns (images NCHW in [-1, 1] on the CPU, caption per image)."""
+def generate(
+    pipe: Pipeline,
+    prompts: list[str],
+    eval_cfg: EvalConfig,
+    device,
+    batch_size: int = 64,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, list[str]]:
+    """``samples_per_prompt`` images for each prompt, seeded by ``eval_cfg.seed``.
+
+    Every sample's initial noise is drawn from one seeded stream for the whole list, and rank r
+    samples indices r, r + world_size, ...; so with a deterministic sampler (DDIM eta=0, the ODE
+    samplers) the images do not depend on the number of processes. Stochastic samplers draw their
+    per-step noise from a per-batch generator seeded by (seed, first index). Returns (this rank's
+    images NCHW in [-1, 1] on the CPU, their captions)."""
     captions = [p for p in prompts for _ in range(eval_cfg.samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(eval_cfg.seed)
+    noise_all = torch.randn((len(captions), *pipe.latent_shape), generator=gen, device=device)
+    mine = list(range(rank, len(captions), world_size))
     null = pipe.text([""])[0]
-    images = []
-    for i in range(0, len(captions), batch_size):
-        chunk = captions[i : i + batch_size]
-        noise = torch.randn((len(chunk), *pipe.latent_shape), generator=gen, device=device)
+    images, mine_captions = [], []
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        chunk = [captions[j] for j in idx]
+        step_gen = torch.Generator(device=device).manual_seed(eval_cfg.seed * 1_000_003 + idx[0] + 1)
         z = sample_from_config(
-            pipe.unet, noise, pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, gen, progress
+            pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, step_gen, progress
         )
         images.append(decode_latents(pipe.vae, z).cpu())
-    return torch.cat(images), captions
+        mine_captions += chunk
+    if not images:
+        return torch.empty(0, 3, 0, 0), []
+    return torch.cat(images), mine_captions

@@ -70,13 +70,18 @@ class LatentData:
         return len(self.keys)
 
 
+def _all_shards(urls):
+    return urls
+
+
 def load_latents(folder: str | Path) -> LatentData:
     """Read every latent shard of a split folder written by ``encode``."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     shards = expand_shards(str(folder))
     means, stds, contexts, captions, keys = [], [], [], [], []
-    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+    # every rank reads the whole (small) split: an explicit identity node splitter says so
+    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards):
         tensors = st_load(sample[LATENT_MEMBER])
         means.append(tensors["mean"])
         stds.append(tensors["std"])
