@@ -231,6 +231,7 @@ class EvalConfig(Section):
     clip_model: str | None = "ViT-B-32"
     clip_weights: str | None = None  # a local open_clip checkpoint of clip_model
     guidance_scale: float = Field(3.0, ge=0.0)
+    guidance_sweep: list[float] = []  # evaluation during training: one grid + metrics per scale
     seed: int = 0
     samples_per_prompt: int = Field(4, gt=0)
     # Held-out captions of the emoji set's validation split (checked by the demo); empty = the

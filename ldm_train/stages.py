@@ -139,7 +139,7 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     data = load_latents(cfg.path(cfg.latents.dir) / "train")
     accelerator = make_accelerator(cfg.distributed)
     log = MetricsLog(run / "metrics.jsonl")
-    eval_fn = periodic_eval(cfg, run, data, accelerator.device, log) if cfg.train.eval_every > 0 else None
+    eval_fn = periodic_eval(cfg, run, data, accelerator, log) if cfg.train.eval_every > 0 else None
     model, ema, result = train_denoiser(
         cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn
     )
@@ -157,13 +157,15 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     }
 
 
-def periodic_eval(cfg: Config, run: Path, data, device, log: MetricsLog):
-    """The in-training evaluation: configured prompts, or the first validation captions."""
+def periodic_eval(cfg: Config, run: Path, data, accelerator, log: MetricsLog):
+    """The in-training evaluation: configured prompts, or the first validation captions; FID/KID
+    against the validation images and CLIP score, where their weights are configured."""
     prompts = list(cfg.eval.prompts) or sorted(set(load_latents(cfg.path(cfg.latents.dir) / "val").captions))[:8]
-    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
-    text = load_text_encoder(cfg.path(cfg.text.dir)).to(device)
+    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(accelerator.device)
+    text = load_text_encoder(cfg.path(cfg.text.dir)).to(accelerator.device)
     return make_periodic_eval(
-        run, vae, text, cfg.diffusion, cfg.eval, prompts, data.manifest["latent_shape"], device, log
+        run, vae, text, cfg.diffusion, cfg.eval, prompts, data.manifest["latent_shape"], accelerator, log,
+        metrics_fn=lambda images, captions: image_metrics(cfg, images, captions),
     )
 
 

@@ -78,7 +78,7 @@ def train_denoiser(
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent cache; returns (model, EMA, summary). Checkpoints go to
     ``run_dir/checkpoints``; ``eval_fn(step, ema_model)`` runs every ``train.eval_every`` steps
-    and at the end (on the main process)."""
+    and at the end, on every rank."""
     torch.manual_seed(seed)
     model = build_unet(model_cfg)
     if model_cfg.init_from is not None:
@@ -128,8 +128,7 @@ def train_denoiser(
             ckpt = _checkpoint(accelerator, run_dir, done, model, ema, opt, sched)
         every = train_cfg.eval_every
         if eval_fn is not None and every > 0 and (done % every == 0 or done == train_cfg.steps):
-            if accelerator.is_main_process:
-                eval_fn(done, _ema_model(model_cfg, ema, device))
+            eval_fn(done, _ema_model(model_cfg, ema, device))  # every rank: sampling is split
     tail = [v for _, v in losses[-5:]] or [float("nan")]
     result = TrainResult(train_cfg.steps, sum(tail) / len(tail), time.time() - t0, ckpt, losses)
     return accelerator.unwrap_model(model), ema, result
