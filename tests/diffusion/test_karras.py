@@ -142,7 +142,6 @@ def test_heun_evaluation_count():
 def test_network_wrapper_recovers_single_point(sampler, ptype):
     """karras_sample (cfg_model + x0_denoiser) with the exact network for a one-point data set."""
     schedule = build_schedule(DiffusionConfig())
-    ab = schedule.alphas_cumprod
     x0_star = torch.linspace(-1, 1, 2 * 4 * 4).view(1, 2, 4, 4).repeat(2, 1, 1, 1)
 
     def oracle(x_t, t, c):
