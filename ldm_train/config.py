@@ -90,12 +90,34 @@ class TextConfig(Section):
     seed: int = 1234
 
 
+class LoaderConfig(Section):
+    """The streaming latent loader (:class:`ldm_train.latents.loader.LatentLoader`). The sample
+    order depends on the seed, epoch, rank and world size only, never on ``num_workers``, so a
+    resumed run may use another worker count. ``shuffle_buffer``: samples shuffled together (a
+    seeded shuffle of consecutive blocks of this size of the rank's stream; shard order is
+    permuted every epoch); also the unit of work of one worker."""
+
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1024, gt=0)
+    prefetch_factor: int = Field(2, gt=0)
+
+
 class LatentsConfig(Section):
-    """The latent cache written by ``encode``; training reads only these shards."""
+    """The latent cache written by ``encode``; training reads only these shards.
+
+    ``shard_size``: samples per output part (each input shard gives one or more parts).
+    ``dtype``: of the stored posterior and text embedding. ``store``: ``posterior`` (mean and std,
+    a fresh latent each epoch) or ``sample`` (one fixed draw per image, seeded by run.seed and the
+    key). ``text``: store the text tower's ``embedding`` or only the ``tokens``. Input shards that
+    fail are retried by the next run; ``data.tolerate_failed_shards`` accepts them instead."""
 
     dir: str = "{run}/latents"
     shard_size: int = Field(1000, gt=0)
     batch_size: int = Field(64, gt=0)
+    dtype: Literal["fp16", "bf16"] = "fp16"
+    store: Literal["posterior", "sample"] = "posterior"
+    text: Literal["embedding", "tokens"] = "embedding"
+    loader: LoaderConfig = LoaderConfig()
 
 
 class ModelConfig(Section):

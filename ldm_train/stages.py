@@ -36,7 +36,9 @@ from .eval.sample import generate
 from .eval.validate import validation_loss
 from .export.export import export_pipeline
 from .latents.cache import load_latents, read_manifest
-from .latents.encode import encode_split
+from .latents.encode import Encoders, encode_split
+from .latents.ranks import RankGroup, Ranks
+from .data.shards import FailedShardsError
 from .model.convert import write_diffusers_unet, write_project_unet
 from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
@@ -111,18 +113,30 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
 
 
 def encode_stage(cfg: Config, overwrite: bool) -> dict:
-    record_config(cfg, overwrite)
-    device = pick_device(cfg.distributed.cpu)
-    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
-    text = prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir)).to(device)
+    """Every launcher rank encodes its share of the input shards (see ldm_train.latents.encode);
+    rerunning after a crash resumes. Failed input shards of either split are reported at the end."""
+    ranks = Ranks.from_env()
+    device = ranks.device(pick_device(cfg.distributed.cpu))
     root = cfg.path(cfg.latents.dir)
-    summary = {}
-    for split, spec in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
-        manifest = encode_split(
-            cfg.shards(spec), root / split, vae, text, cfg.data.resolution,
-            cfg.latents.shard_size, cfg.latents.batch_size, device, overwrite,
-        )
-        summary[split] = {"samples": manifest["samples_written"], "skipped": manifest["report"], "dir": str(root / split)}
+    summary, failures = {}, []
+    with RankGroup(ranks) as group:
+        # rank 0 records the config and builds the text tower once; the others then load it
+        group.rank0_first(lambda: (record_config(cfg, overwrite), prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir))))
+        vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
+        text = prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir)).to(device)
+        enc = Encoders(vae, text, cfg.latents, cfg.data.resolution, device, cfg.run.seed,
+                       cfg.data.read_options(), cfg.data.tolerate_failed_shards)
+        for split, spec in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+            try:
+                result = encode_split(cfg.shards(spec), root / split, enc, overwrite, group=group,
+                                      vae_path=str(cfg.path(cfg.autoencoder.path)))
+            except FailedShardsError as e:  # finish the other split first
+                failures.append(str(e))
+                continue
+            summary[split] = {"samples": result["samples_written"], "skipped": result["report"],
+                              "complete": result["complete"], "dir": str(root / split)}
+    if failures:
+        raise FailedShardsError(" | ".join(failures))
     return summary
 
 

@@ -1,10 +1,13 @@
 """The latent cache: ``encode`` writes it once, training reads only it.
 
 Each sample of a latent shard holds
-- ``KEY.latent.safetensors``: ``mean`` and ``std`` of the VAE posterior (unscaled, fp16), so
-  training draws a fresh ``z ~ N(mean, std^2)`` every epoch (as EDM2 and PixArt do), and
-  ``context``: the frozen text tower's per-token embedding of the caption (fp16);
-- ``KEY.txt``: the caption; ``KEY.json``: the source shard's metadata plus the original size.
+- ``KEY.latent.safetensors``: ``mean`` and ``std`` of the VAE posterior (unscaled, fp16 or bf16:
+  ``latents.dtype``), so training draws a fresh ``z ~ N(mean, std^2)`` every epoch (as EDM2 and
+  PixArt do), or with ``latents.store: sample`` one fixed draw ``sample`` instead (half the bytes;
+  readers return it as ``mean`` with ``std = 0``); and ``context``, the frozen text tower's
+  per-token embedding of the caption, or with ``latents.text: tokens`` only its ``tokens`` (int32);
+- ``KEY.txt``: the caption; ``KEY.json``: the source shard's metadata, ``source_shard``, and
+  ``original_size`` / ``crop_box`` where the reader provides them.
 
 Tensors are stored with safetensors (no pickle). The folder also holds ``null_context.safetensors``
 (the embedding of the empty caption, used for classifier-free guidance) and ``manifest.json``
@@ -13,6 +16,7 @@ Tensors are stored with safetensors (no pickle). The folder also holds ``null_co
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +32,43 @@ NULL_CONTEXT = "null_context.safetensors"
 MANIFEST = "manifest.json"
 
 
-def pack_sample(key: str, mean: torch.Tensor, std: torch.Tensor, context: torch.Tensor, caption: str, meta: dict) -> dict:
-    tensors = {
-        "mean": mean.to(torch.float16).contiguous().cpu(),
-        "std": std.to(torch.float16).contiguous().cpu(),
-        "context": context.to(torch.float16).contiguous().cpu(),
-    }
-    return {"__key__": key, LATENT_MEMBER: save(tensors), "txt": caption, "json": json.dumps(meta)}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_null_context(folder: Path, context: torch.Tensor) -> None:
-    save_file({"context": context.to(torch.float16).contiguous().cpu()}, str(folder / NULL_CONTEXT))
+def pack_sample(key: str, tensors: dict[str, torch.Tensor], caption: str, meta: dict) -> dict:
+    """One latent-shard sample; ``tensors`` already in their stored dtype (see module doc)."""
+    stored = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    return {"__key__": key, LATENT_MEMBER: save(stored), "txt": caption, "json": json.dumps(meta)}
+
+
+def save_null_context(folder: Path, context: torch.Tensor, dtype: torch.dtype = torch.float16) -> None:
+    """The empty caption's embedding (or, as int32, its tokens), written atomically."""
+    value = context.contiguous().cpu() if not context.is_floating_point() else context.to(dtype).contiguous().cpu()
+    tmp = folder / f"{NULL_CONTEXT}.{os.getpid()}.tmp"
+    save_file({"context": value}, str(tmp))
+    os.replace(tmp, folder / NULL_CONTEXT)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write-then-rename with a per-process temporary name, so concurrent writers (ranks) never
+    interleave bytes and a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def unpack_tensors(payload: bytes) -> dict[str, torch.Tensor]:
+    """``mean``/``std`` (a stored fixed ``sample`` becomes mean with std 0) and ``context`` or
+    ``tokens``, whichever the cache holds."""
+    tensors = st_load(payload)
+    if "sample" in tensors:
+        sample = tensors.pop("sample")
+        tensors["mean"], tensors["std"] = sample, torch.zeros_like(sample)
+    return tensors
 
 
 def read_manifest(folder: Path) -> dict:
@@ -60,11 +84,12 @@ class LatentData:
 
     mean: torch.Tensor  # [N, C, h, w] fp16
     std: torch.Tensor  # [N, C, h, w] fp16
-    context: torch.Tensor  # [N, L, D] fp16
+    context: torch.Tensor | None  # [N, L, D] fp16; None when the cache holds tokens only
     captions: list[str]
     keys: list[str]
-    null_context: torch.Tensor  # [L, D] fp16
+    null_context: torch.Tensor  # [L, D] fp16 ([L] int32 tokens when the cache holds tokens)
     manifest: dict
+    tokens: torch.Tensor | None = None  # [N, L] int32 with ``latents.text: tokens``
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,16 +104,18 @@ def load_latents(folder: str | Path) -> LatentData:
     folder = Path(folder)
     manifest = read_manifest(folder)
     shards = expand_shards(str(folder))
-    means, stds, contexts, captions, keys = [], [], [], [], []
+    means, stds, contexts, tokens, captions, keys = [], [], [], [], [], []
     # every rank reads the whole (small) split: an explicit identity node splitter says so
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards):
-        tensors = st_load(sample[LATENT_MEMBER])
+        tensors = unpack_tensors(sample[LATENT_MEMBER])
         means.append(tensors["mean"])
         stds.append(tensors["std"])
-        contexts.append(tensors["context"])
+        (contexts if "context" in tensors else tokens).append(tensors.get("context", tensors.get("tokens")))
         captions.append(sample["txt"].decode("utf-8"))
         keys.append(sample["__key__"])
     if not keys:
         raise DataError(f"latent cache {folder} holds no samples")
     null = load_file(str(folder / NULL_CONTEXT))["context"]
-    return LatentData(torch.stack(means), torch.stack(stds), torch.stack(contexts), captions, keys, null, manifest)
+    context = torch.stack(contexts) if contexts else None
+    token_ids = torch.stack(tokens) if tokens else None
+    return LatentData(torch.stack(means), torch.stack(stds), context, captions, keys, null, manifest, token_ids)

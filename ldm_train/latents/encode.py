@@ -1,28 +1,112 @@
-"""``encode``: image-caption shards -> latent shards (VAE posterior + text embeddings).
+"""``encode``: image-caption shards -> latent shards (VAE posterior + text embedding or tokens).
 
-A split is written into ``<out>.partial/`` and renamed to ``<out>/`` only when complete, so a
-crash never leaves a half cache that training would silently read. Per-shard resumption and
-multi-rank encoding come with the data-at-scale issue.
+At scale: every rank of every node (``RANK``/``WORLD_SIZE`` from the launcher) takes input shards
+``i`` with ``i % world_size == rank`` and writes ``latents-IIIIII-PPP.tar`` (input shard ``I``,
+part ``P`` of at most ``latents.shard_size`` samples), each under ``*.tar.tmp`` and renamed when
+complete; then a done-file for the input shard (see :mod:`.ledger`). Rerunning the same command
+after a crash skips done input shards and re-encodes the others from scratch (their partial parts
+are deleted first), so no sample is lost or duplicated. The last rank to finish writes
+``manifest.json`` (the "complete" mark training reads).
+
+Batches never cross input shards, so a shard's tensors are bit-identical whichever rank encodes
+it, in whatever order, in however many runs.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
-import webdataset as wds
 from diffusers import AutoencoderKL
 from tqdm import tqdm
+from webdataset import TarWriter
 
 from ..autoencoder.vae import encode_posterior, latent_scale
-from ..data.shards import SkipReport, expand_shards, iter_samples
+from ..config import LatentsConfig
+from ..data.shards import DataError, SkipReport, check_failed_shards, expand_shards, iter_samples
 from ..text.encoder import TextEncoder
 from ..utils.runs import OutputExistsError
-from .cache import pack_sample, save_null_context, write_manifest
+from . import ledger
+from .cache import DTYPES, pack_sample, save_null_context, write_manifest
+from .ranks import RankGroup, Ranks
 
 
-def _batches(samples, size: int):
+@dataclass
+class Encoders:
+    """The models and settings that turn a batch of decoded samples into latent-shard samples."""
+
+    vae: AutoencoderKL
+    text: TextEncoder
+    cfg: LatentsConfig
+    resolution: int
+    device: torch.device
+    seed: int = 0  # for ``latents.store: sample``
+    read_kwargs: dict = field(default_factory=dict)  # iter_samples options (DataConfig.read_options)
+    tolerate_failed: bool = False  # data.tolerate_failed_shards
+
+    def latent_shape(self) -> list[int]:
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return [self.vae.config.latent_channels, self.resolution // down, self.resolution // down]
+
+    def context_shape(self) -> list[int]:
+        return [self.text.context_length] + ([self.text.width] if self.cfg.text == "embedding" else [])
+
+    def _noise(self, key: str, shape: torch.Size) -> torch.Tensor:
+        """A fixed draw per (seed, key): the same latent whichever rank or run encodes it."""
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[:8], "little")
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, batch: list[dict]) -> list[dict[str, torch.Tensor]]:
+        images = torch.stack([s["image"] for s in batch]).to(self.device)
+        mean, std = encode_posterior(self.vae, images)
+        dtype = DTYPES[self.cfg.dtype]
+        captions = [s["caption"] for s in batch]
+        if self.cfg.text == "embedding":
+            text = {"context": self.text(captions).to(dtype).cpu()}
+        else:
+            text = {"tokens": self.text.tokenize(captions).to(torch.int32)}
+        out = []
+        for i, s in enumerate(batch):
+            if self.cfg.store == "sample":
+                z = mean[i].float() + std[i].float() * self._noise(s["key"], mean.shape[1:]).to(mean.device)
+                tensors = {"sample": z.to(dtype).cpu()}
+            else:
+                tensors = {"mean": mean[i].to(dtype).cpu(), "std": std[i].to(dtype).cpu()}
+            out.append({**tensors, **{k: v[i] for k, v in text.items()}})
+        return out
+
+    def null_context(self) -> torch.Tensor:
+        if self.cfg.text == "embedding":
+            return self.text([""])[0]
+        return self.text.tokenize([""])[0].to(torch.int32)
+
+
+def fingerprint(enc: Encoders, input_shards: list[str], vae_path: str | None) -> dict:
+    """What an output folder's latents depend on; a resumed run must match (see ledger)."""
+    return {
+        "autoencoder.path": vae_path,
+        "autoencoder.config_hash": ledger.config_hash(dict(enc.vae.config)),
+        "autoencoder.weights_hash": ledger.tensor_hash(enc.vae),
+        "autoencoder.dtype": str(enc.vae.dtype),
+        "resolution": enc.resolution,
+        "text_encoder": enc.text.name,
+        "text_encoder.weights_hash": ledger.tensor_hash(enc.text.clip),
+        "latents.dtype": enc.cfg.dtype,
+        "latents.store": enc.cfg.store,
+        "latents.text": enc.cfg.text,
+        "run.seed": enc.seed if enc.cfg.store == "sample" else None,
+        "preprocessing": {k: v for k, v in sorted(enc.read_kwargs.items())},
+        "input_shards": input_shards,
+    }
+
+
+def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
     batch = []
     for s in samples:
         batch.append(s)
@@ -33,54 +117,181 @@ def _batches(samples, size: int):
         yield batch
 
 
-def encode_split(
-    spec: str,
-    out_dir: Path,
-    vae: AutoencoderKL,
-    text: TextEncoder,
-    resolution: int,
-    shard_size: int,
-    batch_size: int,
-    device: torch.device,
-    overwrite: bool = False,
-) -> dict:
-    """Encode every sample of the shards in ``spec``; returns the manifest written to ``out_dir``."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"latent cache {out_dir} already exists; pass --overwrite to re-encode")
-        shutil.rmtree(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    shards = expand_shards(spec)
-    report = SkipReport()
-    t0, written = time.time(), 0
-    bar = tqdm(desc=f"encode {out_dir.name}", unit="img", dynamic_ncols=True)
-    with wds.ShardWriter(str(partial / "latents-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for batch in _batches(iter_samples(spec, resolution, report), batch_size):
-            images = torch.stack([s["image"] for s in batch]).to(device)
-            mean, std = encode_posterior(vae, images)
-            context = text([s["caption"] for s in batch])
-            for i, s in enumerate(batch):
-                meta = dict(s["meta"], source_shard=s["shard"])
-                sink.write(pack_sample(s["key"], mean[i], std[i], context[i], s["caption"], meta))
-            written += len(batch)
-            bar.update(len(batch))
-    bar.close()
-    save_null_context(partial, text([""])[0])
-    scale, shift = latent_scale(vae)
+class PartWriter:
+    """``latents-IIIIII-PPP.tar`` parts of one input shard, each renamed from ``.tmp`` when full."""
+
+    def __init__(self, out: Path, index: int, max_count: int):
+        self.out, self.index, self.max_count = out, index, max_count
+        self.parts: list[dict] = []
+        self._writer, self._stream, self._count = None, None, 0
+
+    def _tmp(self) -> Path:
+        return self.out / f"latents-{self.index:06d}-{len(self.parts):03d}.tar.tmp"
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None:
+            self._stream = open(self._tmp(), "wb")
+            self._writer = TarWriter(self._stream, encoder=True, mtime=0.0)
+        self._writer.write(sample)
+        self._count += 1
+        if self._count == self.max_count:
+            self._finish()
+
+    def _finish(self) -> None:
+        tmp = self._tmp()
+        self._writer.close()
+        self._stream.close()
+        final = tmp.with_suffix("")  # drop ".tmp"
+        os.replace(tmp, final)
+        self.parts.append({"name": final.name, "samples": self._count})
+        self._writer, self._stream, self._count = None, None, 0
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self._finish()
+        return self.parts
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._stream.close()
+            self._writer = None
+        remove_outputs(self.out, self.index)
+
+
+def remove_outputs(out: Path, index: int) -> None:
+    """Parts of input shard ``index`` left by an interrupted run (finished or not)."""
+    for path in out.glob(f"latents-{index:06d}-*.tar*"):
+        path.unlink()
+
+
+def _failure(report: SkipReport, error: str | None) -> str | None:
+    """Why an input shard failed (could not be opened, or broke off: the reader names it), or
+    None. Samples read before a break are kept; the shard is retried by the next run unless
+    failures are tolerated."""
+    if report.failed_shards:
+        return "; ".join(report.shard_errors.get(u, "unreadable") for u in report.failed_shards)
+    return error
+
+
+class Progress:
+    """tqdm over samples; the total is estimated from the shards done so far, for an ETA."""
+
+    def __init__(self, desc: str, n_shards: int, enabled: bool):
+        self.n_shards, self.done_shards, self.samples = n_shards, 0, 0
+        self.bar = tqdm(desc=desc, unit="img", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.samples += n
+        self.bar.update(n)
+
+    def shard_done(self) -> None:
+        self.done_shards += 1
+        self.bar.total = round(self.samples / self.done_shards * self.n_shards)
+        self.bar.set_postfix_str(f"shards {self.done_shards}/{self.n_shards}", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def encode_input_shard(index: int, url: str, out: Path, enc: Encoders, progress: Progress) -> dict:
+    """Encode one input shard into its parts and record it as done (or failed)."""
+    remove_outputs(out, index)
+    report, error, t0 = SkipReport(), None, time.time()
+    writer = PartWriter(out, index, enc.cfg.shard_size)
+    try:
+        samples = iter_samples(url, enc.resolution, report, allow_empty=True, **enc.read_kwargs)
+        for batch in _batches(samples, enc.cfg.batch_size):
+            for s, tensors in zip(batch, enc.encode(batch)):
+                meta = dict(s["meta"], source_shard=url)
+                meta.update({k: list(s[k]) for k in ("original_size", "crop_box") if s.get(k) is not None})
+                writer.write(pack_sample(s["key"], tensors, s["caption"], meta))
+            progress.update(len(batch))
+    except DataError as e:  # e.g. a local shard that does not exist
+        error = str(e)
+    except BaseException:
+        writer.abort()
+        raise
+    reason = _failure(report, error)
+    outputs = writer.close()
+    entry = {
+        "index": index, "shard": url, "status": "ok" if reason is None else "failed", "error": reason,
+        "outputs": outputs, "report": report.as_dict(), "seconds": round(time.time() - t0, 3),
+    }
+    ledger.write_done(out, index, entry)
+    progress.shard_done()
+    return entry
+
+
+def _prepare(out: Path, fp: dict, overwrite: bool, n_inputs: int) -> None:
+    """Rank 0, before any rank writes: start over, refuse, or resume."""
+    legacy = out.with_name(out.name + ".partial")  # the former whole-folder design's leftovers
+    if legacy.is_dir():
+        shutil.rmtree(legacy)
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    elif ledger.is_complete(out):
+        raise OutputExistsError(f"latent cache {out} already exists (complete); pass --overwrite to re-encode")
+    elif out.exists() and any(out.iterdir()) and not ledger.progress_dir(out).is_dir():
+        raise OutputExistsError(f"{out} holds files but no encode progress; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    ledger.check_fingerprint(out, fp)
+    ledger.forget_failed(out, n_inputs)
+
+
+def summary_line(name: str, manifest: dict) -> str:
+    r = manifest["report"]
+    skipped = ", ".join(f"{k}={v}" for k, v in r.get("skipped", {}).items()) or "none"
+    failed = ", ".join(f["shard"] for f in manifest["failed_shards"]) or "none"
+    return (f"encode {name}: samples in {r.get('seen', 0)}, written {manifest['samples_written']}, "
+            f"skipped: {skipped}; failed shards: {failed}")
+
+
+def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) -> dict:
+    scale, shift = latent_scale(enc.vae)
     manifest = {
-        "input_shards": shards,
-        "samples_written": written,
-        "report": report.as_dict(),
-        "resolution": resolution,
-        "latent_shape": list(mean.shape[1:]),
+        **ledger.merge_entries(entries, shards),
+        "resolution": enc.resolution,
+        "latent_shape": enc.latent_shape(),
         "scaling_factor": scale,
         "shift_factor": shift,
-        "text_encoder": text.name,
-        "context_shape": [text.context_length, text.width],
-        "seconds": time.time() - t0,
+        "text_encoder": enc.text.name,
+        "context_shape": enc.context_shape(),
+        "dtype": enc.cfg.dtype,
+        "store": enc.cfg.store,
+        "text": enc.cfg.text,
+        "complete": True,
     }
-    write_manifest(partial, manifest)
-    partial.rename(out_dir)
+    print(summary_line(out.name, manifest), file=sys.stderr)
+    # not tolerated: no manifest, so the folder stays incomplete and a rerun retries these shards
+    check_failed_shards([f["shard"] for f in manifest["failed_shards"]], enc.tolerate_failed,
+                        f"encode {out} (finished shards are kept; rerunning retries the failed ones)")
+    if manifest["samples_written"] == 0:
+        raise DataError(f"no usable samples in {', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}")
+    save_null_context(out, enc.null_context(), DTYPES[enc.cfg.dtype])
+    write_manifest(out, manifest)
     return manifest
+
+
+def encode_split(
+    spec: str, out_dir: Path, enc: Encoders, overwrite: bool = False, *,
+    group: RankGroup | None = None, vae_path: str | None = None, progress: bool = True,
+) -> dict:
+    """Encode this rank's share of ``spec`` into ``out_dir``. Returns the manifest (``complete``:
+    true) when this rank finished the folder, else ``complete: false`` with this rank's counts."""
+    group = group if group is not None else RankGroup(Ranks())
+    rank, world = group.ranks.rank, group.ranks.world_size
+    shards = expand_shards(spec)
+    fp = fingerprint(enc, shards, vae_path)
+    group.rank0_first(lambda: _prepare(out_dir, fp, overwrite, len(shards)))
+    mine = [i for i in range(rank, len(shards), world) if (ledger.read_done(out_dir, i) or {}).get("status") != "ok"]
+    desc = f"encode {out_dir.name}" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    bar = Progress(desc, len(mine), progress)
+    try:
+        entries = [encode_input_shard(i, shards[i], out_dir, enc, bar) for i in mine]
+    finally:
+        bar.close()
+    everything = ledger.all_done(out_dir, len(shards))
+    if everything is None:  # another rank is still at work; the last one to finish merges
+        return {"complete": False, "rank": rank, **ledger.merge_entries(entries, [shards[i] for i in mine])}
+    return _finish(out_dir, everything, shards, enc)

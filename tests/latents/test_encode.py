@@ -9,10 +9,10 @@ import torch
 from conftest import synthetic_samples
 
 from ldm_train.autoencoder.vae import build_vae, encode_posterior
-from ldm_train.config import AutoencoderConfig, TextConfig
+from ldm_train.config import AutoencoderConfig, LatentsConfig, TextConfig
 from ldm_train.data.shards import DataError, preprocess, write_shards
 from ldm_train.latents.cache import MANIFEST, NULL_CONTEXT, load_latents, read_manifest
-from ldm_train.latents.encode import encode_split
+from ldm_train.latents.encode import Encoders, encode_split
 from ldm_train.text.encoder import prepare_text_encoder
 from ldm_train.utils.runs import OutputExistsError
 
@@ -40,9 +40,10 @@ def source(tmp_path_factory):
     return folder, samples
 
 
-def encode(spec, out, models, overwrite=False, shard_size=5, batch_size=3):
+def encode(spec, out, models, overwrite=False, shard_size=5, batch_size=3, **latents):
     vae, text = models
-    return encode_split(str(spec), out, vae, text, RES, shard_size, batch_size, CPU, overwrite)
+    enc = Encoders(vae, text, LatentsConfig(shard_size=shard_size, batch_size=batch_size, **latents), RES, CPU)
+    return encode_split(str(spec), out, enc, overwrite, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,9 @@ def test_manifest_counts(encoded, source, models):
     folder, samples = source
     assert manifest == read_manifest(out)
     assert manifest["samples_written"] == N
-    assert manifest["report"] == {"seen": N, "kept": N, "skipped": {}}
+    assert manifest["report"] == {"seen": N, "kept": N, "skipped": {}, "failed_shards": [], "shard_errors": {}}
+    assert manifest["failed_shards"] == [] and manifest["complete"] is True
+    assert sum(manifest["input_shard_samples"].values()) == N
     assert manifest["input_shards"] == sorted(str(p) for p in folder.glob("*.tar"))
     assert manifest["latent_shape"] == [4, RES // 2, RES // 2]
     assert manifest["context_shape"] == [16, 32]
@@ -65,7 +68,9 @@ def test_manifest_counts(encoded, source, models):
     assert manifest["shift_factor"] == 0.0
     assert manifest["resolution"] == RES
     assert manifest["text_encoder"] == models[1].name
-    assert len(list(out.glob("latents-*.tar"))) == 3  # 11 samples, 5 per shard
+    # one part per input shard (4, 4, 3 samples; at most 5 per part)
+    assert sorted(p.name for p in out.glob("latents-*.tar")) == [f"latents-00000{i}-000.tar" for i in range(3)]
+    assert [o["samples"] for o in manifest["output_shards"]] == [4, 4, 3]
     assert (out / NULL_CONTEXT).is_file() and (out / MANIFEST).is_file()
 
 
@@ -120,7 +125,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, models):
     _append(first, "zzbad.txt", b"a broken sample")
     manifest = encode(src, tmp_path / "out", models)
     assert manifest["samples_written"] == 5
-    assert manifest["report"] == {"seen": 6, "kept": 5, "skipped": {"corrupt_image": 1}}
+    assert manifest["report"]["seen"] == 6 and manifest["report"]["kept"] == 5
+    assert manifest["report"]["skipped"] == {"corrupt_image": 1}
     assert read_manifest(tmp_path / "out")["report"]["skipped"] == {"corrupt_image": 1}
     data = load_latents(tmp_path / "out")
     assert data.keys == [s[0] for s in samples]
@@ -139,10 +145,10 @@ def test_rerun_with_overwrite_replaces(tmp_path, source, models):
     out = tmp_path / "lat"
     encode(source[0], out, models)
     (out / "stale.txt").write_text("old")
-    manifest = encode(source[0], out, models, overwrite=True, shard_size=100)
+    manifest = encode(source[0], out, models, overwrite=True, shard_size=2)
     assert manifest["samples_written"] == N
     assert not (out / "stale.txt").exists()
-    assert len(list(out.glob("latents-*.tar"))) == 1
+    assert len(list(out.glob("latents-*.tar"))) == 6  # 4, 4, 3 samples in parts of at most 2
     assert len(load_latents(out)) == N
     assert not list(tmp_path.glob("*.partial"))
 
