@@ -26,6 +26,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-4")
 
 
+def _converter_args(p: argparse.ArgumentParser) -> None:
+    """``data folder|hf``: their flags are shorthands for ``data.convert.*`` keys (see data_overrides)."""
+    p.add_argument("--out", type=Path, default=None, help="folder for train/, val/, report.json (default: parent of data.train_shards)")
+    p.add_argument("--shard-size", type=int, default=None, help="samples per shard (data.convert.shard_size)")
+    p.add_argument("--val-fraction", type=float, default=None, help="fraction for val/, by key hash (data.convert.val_fraction)")
+    p.add_argument("--allow-empty-captions", action="store_true", help="keep images without caption, captioned '' (data.convert.allow_empty_captions)")
+    p.add_argument("--tolerate-failures", action="store_true", help="exit 0 even when inputs could not be read (data.tolerate_failed_shards)")
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm-train", description="Latent diffusion training pipeline.",
@@ -38,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     emoji = data_sub.add_parser("emoji", help="render Noto Color Emoji into train/val shards")
     emoji.add_argument("--out", type=Path, default=None, help="folder for train/ and val/ (default: parent of data.train_shards)")
     _common(emoji)
+    folder = data_sub.add_parser("folder", help="a folder of images (NAME.jpg|png|webp) with NAME.txt captions -> shards")
+    folder.add_argument("--src", type=Path, required=True, help="folder of images, nested folders included")
+    _converter_args(folder)
+    hf = data_sub.add_parser("hf", help="a Hugging Face datasets dataset (local folder/files or hub id) -> shards")
+    hf.add_argument("--dataset", required=True, help="save_to_disk folder, data files folder/file, or hub id (online only)")
+    hf.add_argument("--split", default=None, help="split to convert (default: train, or the only one)")
+    hf.add_argument("--image-column", required=True, help="column holding the images (Image feature, bytes or paths)")
+    hf.add_argument("--caption-column", required=True, help="column holding the captions (a string, or a list: the first)")
+    _converter_args(hf)
 
     _common(sub.add_parser("train-vae", help="train the KL autoencoder on data.train_shards -> autoencoder.path"))
     _common(sub.add_parser("encode", help="image shards -> latent shards in latents.dir (VAE + text tower)"))
@@ -79,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
     from . import stages
 
+    if args.command == "data" and args.source == "folder":
+        return stages.data_folder(cfg, args.src, args.out, args.overwrite)
+    if args.command == "data" and args.source == "hf":
+        return stages.data_hf(cfg, args.dataset, args.split, args.image_column, args.caption_column, args.out, args.overwrite)
     if args.command == "data":
         return stages.data_emoji(cfg, args.out, args.overwrite)
     if args.command == "train-vae":
@@ -117,6 +140,16 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
     return [f"eval.{key}={value}" for key, value in pairs if value is not None]
 
 
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """``data folder|hf`` flags as ``data.*`` overrides, so they are validated like config keys."""
+    if args.command != "data" or args.source not in ("folder", "hf"):
+        return []
+    pairs = (("convert.shard_size", args.shard_size), ("convert.val_fraction", args.val_fraction))
+    out = [f"data.{key}={value}" for key, value in pairs if value is not None]
+    out += ["data.convert.allow_empty_captions=true"] if args.allow_empty_captions else []
+    return out + (["data.tolerate_failed_shards=true"] if args.tolerate_failures else [])
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Like parse_args, but ``KEY=VALUE`` overrides may also come after flags (``--overwrite a.b=1``)."""
     parser = build_parser()
@@ -136,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config_path = getattr(args, "config", None)
-        cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args)])
+        cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args), *data_overrides(args)])
         from .stages import check_config
 
         check_config(cfg, str(config_path or "<defaults>") + " + overrides")

@@ -39,16 +39,36 @@ class EmojiDataConfig(Section):
     limit: int | None = None  # keep the first N emoji only (tests, micro demo)
 
 
+class ConvertDataConfig(Section):
+    """``ldm-train data folder|hf``: the shards they write (train/ and val/, split by key hash)."""
+
+    shard_size: int = Field(1000, gt=0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    allow_empty_captions: bool = False  # folder: an image without NAME.txt gets "" instead of a skip
+
+
 class DataConfig(Section):
     """Image-caption WebDataset shards (img2dataset layout: KEY.png|jpg|webp, KEY.txt, KEY.json).
 
     ``*_shards`` is a folder (every ``*.tar`` in it), a brace pattern (``data/{00000..00099}.tar``)
-    or a ``pipe:`` URL."""
+    or a ``pipe:`` URL. Reading: the shorter side becomes ``resolution`` and a square is cropped
+    (``crop``: centre, or random seeded by ``crop_seed`` and the key); images whose shorter side
+    is below ``min_size`` are skipped as ``too_small``. A shard that cannot be read is named and
+    the rest is read; the command then fails unless ``tolerate_failed_shards``."""
 
     train_shards: str = "{run}/data/train"
     val_shards: str = "{run}/data/val"
     resolution: int = Field(64, gt=0)
+    crop: Literal["center", "random"] = "center"
+    crop_seed: int = 0
+    min_size: int = Field(0, ge=0)
+    tolerate_failed_shards: bool = False
     emoji: EmojiDataConfig = EmojiDataConfig()
+    convert: ConvertDataConfig = ConvertDataConfig()
+
+    def read_options(self) -> dict:
+        """Keyword arguments of ``ldm_train.data.shards.iter_samples`` / ``load_images``."""
+        return {"min_size": self.min_size, "crop": self.crop, "seed": self.crop_seed}
 
 
 class VAETrainConfig(Section):

@@ -26,8 +26,9 @@ from .autoencoder.vae import load_vae
 from .config import Config, ConfigError, dump_config
 from .diffusion.schedule import check_combination
 from .diffusion.score_based import check_formulation
+from .data.convert import convert_folder, convert_hf
 from .data.emoji import build_emoji_shards
-from .data.shards import SkipReport, load_images, write_shards
+from .data.shards import SkipReport, check_failed_shards, load_images, write_shards
 from .eval.pipeline import PipelineError, load_pipeline
 from .eval.metrics import evaluate_images, to_uint8
 from .eval.distributed import generate_across_ranks
@@ -99,12 +100,25 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
     report = SkipReport()
-    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report)
+    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report, **cfg.data.read_options())
+    check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-vae")
     log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
     vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
     val, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport(), limit=8)
     originals, recon = reconstruct(vae, val, device)
     grid = torch.stack([originals, recon], 1).flatten(0, 1)  # original, reconstruction pairs
+def data_folder(cfg: Config, src: Path, out: Path | None, overwrite: bool) -> dict:
+    root = out if out is not None else cfg.path(cfg.data.train_shards).parent
+    return convert_folder(src, root, cfg.data.convert, cfg.data.tolerate_failed_shards, overwrite)
+
+
+def data_hf(cfg: Config, dataset: str, split: str | None, image_column: str, caption_column: str,
+            out: Path | None, overwrite: bool) -> dict:
+    root = out if out is not None else cfg.path(cfg.data.train_shards).parent
+    return convert_hf(dataset, root, cfg.data.convert, image_column, caption_column, split,
+                      cfg.data.tolerate_failed_shards, overwrite)
+
+
     captions = [c for c in val_captions for c in (c, "(reconstruction)")]
     summary["recon_grid"] = str(save_grid(cfg.path("{run}") / "recon.png", grid, ncols=4, captions=captions))
     summary["val_rec_l1"] = float((originals - recon).abs().mean())

@@ -31,10 +31,11 @@ def run_cli(*args, cwd):
 
 def test_subcommands_are_the_documented_ones():
     assert set(subcommands(build_parser())) == COMMANDS
-    assert set(subcommands(subcommands(build_parser())["data"])) == {"emoji"}
+    assert set(subcommands(subcommands(build_parser())["data"])) == {"emoji", "folder", "hf"}
 
 
-HELP_ARGS = [["--help"], ["data", "emoji", "--help"]] + [[c, "--help"] for c in sorted(COMMANDS)]
+HELP_ARGS = [["--help"], ["data", "emoji", "--help"], ["data", "folder", "--help"], ["data", "hf", "--help"]]
+HELP_ARGS += [[c, "--help"] for c in sorted(COMMANDS)]
 
 
 @pytest.mark.parametrize("argv", HELP_ARGS, ids=[" ".join(a) for a in HELP_ARGS])

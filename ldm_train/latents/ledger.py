@@ -115,7 +115,9 @@ def merge_reports(reports: list[dict]) -> dict:
     merged: dict = {}
     for report in reports:
         for key, value in report.items():
-            if isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
+            counts = isinstance(value, dict) and all(
+                isinstance(v, int) for v in (*value.values(), *merged.get(key, {}).values()))
+            if counts:
                 merged[key] = dict(sorted((Counter(merged.get(key, {})) + Counter(value)).items()))
             elif isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}
