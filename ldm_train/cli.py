@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, load_config
-from .errors import UserError
+from .errors import Preempted, UserError
 
 EXAMPLES = """examples:
   ldm-train demo                                  # every stage on the emoji set (~15 min on 2 CPU cores)
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     _common(sub.add_parser("demo", help="run every stage on the emoji set and summarise"))
-    sub.add_parser("slurm", help="(coming with the Slurm issue) submit a stage as a Slurm job")
+    from .slurm.commands import add_slurm_parser
+
+    add_slurm_parser(sub, _common)
     return parser
 
 
@@ -121,6 +123,10 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         if args.diffusers_pipeline is not None:
             summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
         return summary
+    if args.command == "slurm":
+        from .slurm.commands import run_slurm
+
+        return run_slurm(args, cfg)
     if args.command == "convert":
         return stages.convert_stage(args.input, args.output, args.to, args.overwrite)
     if args.command == "demo":
@@ -164,9 +170,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.command == "slurm":
-        print("ldm-train slurm: not implemented yet; it arrives with the Slurm issue", file=sys.stderr)
-        return 2
     try:
         config_path = getattr(args, "config", None)
         cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args), *data_overrides(args)])
@@ -177,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ldm-train {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # checkpoint saved; the same command resumes
+        print(f"ldm-train {args.command}: preempted: {e}; run the same command again to resume", file=sys.stderr)
+        return e.exit_code
     if result:
         print(json.dumps(result, indent=2, default=str))
     return 0

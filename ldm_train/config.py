@@ -6,7 +6,7 @@ Builders take their own section only (``build_unet(cfg.model)``), never the whol
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -225,9 +225,21 @@ class TrainConfig(Section):
     betas: list[float] = [0.9, 0.999]
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    # One EMA per decay (the first is the one sampling and export use; the others are kept in
+    # checkpoints as ``ema@DECAY``). Updated every ``ema_every`` optimizer steps; the decay applies
+    # per update. Warm-up: decay_t = min(decay, (1 + t) / (10 + t)) for update t.
+    ema_decays: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.999], min_length=1)
+    ema_every: int = Field(1, gt=0)
+    ema_warmup: bool = True
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)  # the last K; milestones are kept on top
+    milestones: list[int] = []  # steps whose checkpoints are never deleted
+    max_nonfinite_steps: int = Field(5, gt=0)  # K non-finite losses/gradients in a row stop the run
+    watchdog_seconds: float = Field(600.0, ge=0)  # report a rank whose step takes longer; 0 = off
+    tensorboard: bool = True  # scalars to {run}/tensorboard (rank 0)
+    wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
+    peak_tflops: float | None = Field(None, gt=0)  # per device, for MFU; null = known GPUs only
     eval_every: int = Field(0, ge=0)  # sample grids on the EMA weights every N steps and at the end; 0 = off
     # Speed: torch.compile of the model, channels_last memory format, fused AdamW kernel.
     compile: bool = False
@@ -236,11 +248,20 @@ class TrainConfig(Section):
 
 
 class DistributedConfig(Section):
-    """How the loop runs. Only single-process/DDP exist today; ZeRO stages come with their issue."""
+    """How the loop is distributed (see ldm_train.train.strategy). The launcher (torchrun,
+    ``accelerate launch``, srun) sets the processes; this section says what they do."""
 
-    strategy: Literal["ddp"] = "ddp"
+    # ddp: every rank holds everything (also a single process). zero1/zero2/zero3: DeepSpeed ZeRO
+    # partitions optimizer states / + gradients / + parameters across ranks, through Accelerate.
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_accumulation_steps: int = Field(1, gt=0)
+    offload_optimizer: bool = False  # ZeRO: optimizer states in CPU memory (DeepSpeedCPUAdam)
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+    # Each rank keeps the EMA of 1/world of the weights. Always so under zero3 (a rank only holds
+    # its partition); optional for ddp/zero1/zero2, where it saves memory at no extra traffic.
+    ema_sharded: bool = False
+    deepspeed_config: str | None = None  # a DeepSpeed JSON to start from (launch/deepspeed/*.json)
     cpu: bool = False  # force CPU even where a GPU is present
 
 
@@ -295,6 +316,35 @@ class ExportConfig(Section):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
+class SlurmConfig(Section):
+    """``ldm-train slurm submit``: what the job script (rendered from ``slurm/job.sbatch``) asks
+    Slurm for and runs on each node. The flags of ``submit`` (--partition, --time, ...) override
+    the keys of the same name. See README "Slurm"."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time: str | None = None  # e.g. "24:00:00"; null = the partition's default limit
+    exclusive: bool = False
+    cpus_per_task: int | None = Field(None, gt=0)  # CPUs for each node's launcher (all its ranks)
+    sbatch_args: list[str] = []  # further #SBATCH options, e.g. ["--mem=0", "--mail-type=FAIL"]
+    # USR1 this long before the time limit: the ranks save, the job requeues itself. Also how long
+    # torchrun lets the ranks save before it kills them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
+    signal_seconds: int = Field(300, gt=0)
+    max_requeues: int = Field(10, ge=0)  # a preempted job comes back at most this many times
+    port: int = Field(29500, gt=1023, lt=64536)  # rendezvous port = port + job id % 1000
+    launcher: Literal["torchrun", "accelerate"] = "torchrun"
+    accelerate_config: str | None = None  # accelerate launcher: its --config_file
+    cpu_processes_per_node: int = Field(1, gt=0)  # processes per node when --gpus-per-node is 0
+    python: str | None = None  # the interpreter on the nodes; null = the one running submit
+    modules: list[str] = []  # `module load` each first, e.g. ["cuda/12.4", "nccl/2.21"]
+    setup: list[str] = []  # shell lines run before the launch, e.g. ["source ~/venv/bin/activate"]
+    env: dict[str, str] = {}  # exported in the job, e.g. {"NCCL_SOCKET_IFNAME": "ib0"}
+    entry_module: str = "ldm_train.cli"  # what each rank runs (python -m); change only to wrap it
+    template: str | None = None  # a job template of your own; null = slurm/job.sbatch
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -307,6 +357,7 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     def path(self, template: str) -> Path:
         """Expand ``{run}`` in a path template; every ``*.dir``/``*.path`` key goes through here."""

@@ -44,6 +44,7 @@ from .model.convert import write_diffusers_unet, write_project_unet
 from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
 from .train.checkpoint import latest_checkpoint, load_weights
+from .train.control import Preempted, write_status
 from .train.loop import make_accelerator, train_denoiser
 from .utils.images import plot_losses, save_grid, to_pil
 from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
@@ -67,20 +68,30 @@ def check_config(cfg: Config, source: str) -> None:
         ) from None
 
 
-def record_config(cfg: Config, overwrite: bool) -> Path:
-    """Write ``{run}/config.yaml``; refuse to replace one that describes a different run."""
+def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = (), write: bool = True) -> Path:
+    """Write ``{run}/config.yaml``; refuse to replace one that describes a different run (keys in
+    ``may_differ``, such as ``train.steps`` when resuming, may change)."""
     path = cfg.path("{run}") / "config.yaml"
     if path.is_file() and not overwrite:
         old = yaml.safe_load(path.read_text()) or {}
         new = cfg.model_dump()
         diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        diff = [d for d in diff if d not in may_differ]
         if diff:
             raise OutputExistsError(
                 f"{path} holds a different run (differs in {', '.join(diff[:6])}); "
                 "pass --overwrite to replace it, or set run.dir to a new folder"
             )
-    dump_config(cfg, path)
+    if write:
+        dump_config(cfg, path)
     return path
+
+
+# What may change when a run resumes from its checkpoints: how long and how often, not what.
+RESUMABLE = (
+    "train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
+    "train.milestones", "train.watchdog_seconds", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
+)
 
 
 def last_segment(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -95,18 +106,6 @@ def data_emoji(cfg: Config, out: Path | None, overwrite: bool) -> dict:
     return build_emoji_shards(cfg.data.emoji, root / "train", root / "val", overwrite=overwrite)
 
 
-def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
-    record_config(cfg, overwrite)
-    out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
-    device = pick_device(cfg.distributed.cpu)
-    report = SkipReport()
-    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report, **cfg.data.read_options())
-    check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-vae")
-    log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
-    vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
-    val, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport(), limit=8)
-    originals, recon = reconstruct(vae, val, device)
-    grid = torch.stack([originals, recon], 1).flatten(0, 1)  # original, reconstruction pairs
 def data_folder(cfg: Config, src: Path, out: Path | None, overwrite: bool) -> dict:
     root = out if out is not None else cfg.path(cfg.data.train_shards).parent
     return convert_folder(src, root, cfg.data.convert, cfg.data.tolerate_failed_shards, overwrite)
@@ -119,6 +118,18 @@ def data_hf(cfg: Config, dataset: str, split: str | None, image_column: str, cap
                       cfg.data.tolerate_failed_shards, overwrite)
 
 
+def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
+    record_config(cfg, overwrite)
+    out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
+    device = pick_device(cfg.distributed.cpu)
+    report = SkipReport()
+    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report, **cfg.data.read_options())
+    check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-vae")
+    log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
+    vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
+    val, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport(), limit=8)
+    originals, recon = reconstruct(vae, val, device)
+    grid = torch.stack([originals, recon], 1).flatten(0, 1)  # original, reconstruction pairs
     captions = [c for c in val_captions for c in (c, "(reconstruction)")]
     summary["recon_grid"] = str(save_grid(cfg.path("{run}") / "recon.png", grid, ncols=4, captions=captions))
     summary["val_rec_l1"] = float((originals - recon).abs().mean())
@@ -155,23 +166,40 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
 
 
 def train_stage(cfg: Config, overwrite: bool) -> dict:
-    record_config(cfg, overwrite)
+    """Train, or resume from the latest complete checkpoint when one exists (``--overwrite``
+    starts over). Every rank runs this; rank 0 writes the config and ``status.json``."""
     run = cfg.path("{run}")
     ckpts = run / "checkpoints"
-    if latest_checkpoint(ckpts) is not None and not overwrite:
-        raise OutputExistsError(
-            f"{ckpts} already holds checkpoints; pass --overwrite to train from scratch "
-            "(resuming arrives with the distributed-training issue)"
-        )
-    prepare_output(ckpts, overwrite, "train")
+    resume = None if overwrite else latest_checkpoint(ckpts)
+    record_config(cfg, overwrite, RESUMABLE if resume is not None else (), write=False)  # every rank checks
+    if resume is None and not overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise OutputExistsError(f"{ckpts} holds files but no complete checkpoint; pass --overwrite to start over")
     data = load_latents(cfg.path(cfg.latents.dir) / "train")
-    accelerator = make_accelerator(cfg.distributed)
+    accelerator = make_accelerator(cfg.distributed, cfg.train)
+    if accelerator.is_main_process:
+        record_config(cfg, True)
+        if resume is None:
+            prepare_output(ckpts, overwrite, "train")
+        write_status(run, "running", int(resume.name.split("-")[1]) if resume else 0, processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()
     log = MetricsLog(run / "metrics.jsonl")
     eval_fn = periodic_eval(cfg, run, data, accelerator, log) if cfg.train.eval_every > 0 else None
-    model, ema, result = train_denoiser(
-        cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn
-    )
-    curves = {"denoiser loss": result.losses}
+    try:
+        model, ema, result = train_denoiser(
+            cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn,
+            dist_cfg=cfg.distributed, resume_from=resume,
+        )
+    except Preempted as e:
+        if accelerator.is_main_process:
+            write_status(run, "preempted", latest_step(ckpts), reason=str(e))
+        raise
+    except BaseException as e:
+        if accelerator.is_main_process:
+            write_status(run, "failed", latest_step(ckpts), reason=f"{type(e).__name__}: {e}"[:500])
+        raise
+    if accelerator.is_main_process:
+        write_status(run, "finished", result.steps)
+    curves = {"denoiser loss": last_segment([(r["step"], r["loss"]) for r in log.read() if r.get("stage") == "train"])}
     vae_points = last_segment([(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"])
     if vae_points:
         curves = {"autoencoder L1": vae_points, **curves}
@@ -180,9 +208,18 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         "final_loss": result.final_loss,
         "seconds": result.seconds,
         "checkpoint": str(result.checkpoint),
-        "loss_plot": str(plot_losses(run / "loss.png", curves)),
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+        "nonfinite_skipped": result.nonfinite_skipped,
+        "strategy": cfg.distributed.strategy,
+        "processes": accelerator.num_processes,
+        "loss_plot": str(plot_losses(run / "loss.png", curves)) if accelerator.is_main_process else None,
         "device": str(accelerator.device),
     }
+
+
+def latest_step(ckpts: Path) -> int:
+    latest = latest_checkpoint(ckpts)
+    return int(latest.name.split("-")[1]) if latest else 0
 
 
 def periodic_eval(cfg: Config, run: Path, data, accelerator, log: MetricsLog):

@@ -1,13 +1,16 @@
 """The denoiser training loop: one plain function, with logging, checkpointing and evaluation as
 separate calls on intervals (the nanoGPT / DiT ``train.py`` shape).
 
-Distribution enters only here, through HF Accelerate: ``accelerator.prepare`` wraps the model from
-outside, so ``model/`` and ``diffusion/`` stay free of accelerate and torch.distributed.
+Distribution enters only here, through HF Accelerate (DDP or DeepSpeed ZeRO, see strategy.py):
+``accelerator.prepare`` wraps the model from outside, so ``model/`` and ``diffusion/`` stay free
+of accelerate and torch.distributed. A step is one optimizer step of
+``distributed.gradient_accumulation_steps`` micro-batches of ``train.batch_size`` per rank.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,15 +19,20 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from ..autoencoder.vae import to_latent
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_schedule
 from ..diffusion.objective import build_objective
 from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog
-from .checkpoint import save_checkpoint
-from .ema import EMA
+from .batches import MemoryBatches
+from .control import NonFiniteGuard, Preempted, SignalFlag, Watchdog
+from .ema import EMA, Layout, local_chunks, param_shapes
+from .resume import TrainParts, restore_training_state, save_training_state
+from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
+from .telemetry import Writers, forward_flops, memory_gib, peak_flops
+
+__all__ = ["TrainResult", "lr_lambda", "make_accelerator", "train_denoiser"]
 
 
 @dataclass
@@ -34,6 +42,8 @@ class TrainResult:
     seconds: float
     checkpoint: Path | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: Path | None = None
+    nonfinite_skipped: int = 0
 
 
 def lr_lambda(train_cfg: TrainConfig) -> Callable[[int], float]:
@@ -49,20 +59,74 @@ def lr_lambda(train_cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_accelerator(dist: DistributedConfig) -> Accelerator:
-    return Accelerator(
-        mixed_precision=dist.mixed_precision,
-        cpu=dist.cpu,
-        gradient_accumulation_steps=dist.gradient_accumulation_steps,
+def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> TrainParts:
+    """Model, AdamW, LR schedule and EMA, prepared for the strategy. Only the U-Net goes through
+    ``prepare``: the frozen autoencoder and text tower are not part of training at all."""
+    torch.manual_seed(seed)
+    model = build_unet(model_cfg)
+    if model_cfg.init_from is not None:
+        load_unet_weights(model, model_cfg.init_from)  # e.g. a pretrained SD U-Net folder
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay,
+        fused=(train_cfg.fused_optimizer and not is_deepspeed(accelerator)) or None,
     )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg))
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    zero3 = zero_stage(dist_cfg) == 3
+    module = accelerator.unwrap_model(model)
+    sharded = zero3 or (dist_cfg.ema_sharded and accelerator.num_processes > 1)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if sharded else (0, 1)
+    layout = Layout(rank, world, param_shapes(module, zero3))
+    ema = EMA(local_chunks(module, layout, zero3), layout, train_cfg.ema_decays, train_cfg.ema_warmup)
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(seed + 1_000_003 + accelerator.process_index)
+    return TrainParts(accelerator, model, opt, sched, ema, batches, noise_gen)
 
 
-def sample_batch(data: LatentData, batch_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch of fresh latents z ~ N(mean, std^2) (scaled) and their text contexts."""
-    idx = torch.randint(0, len(data), (batch_size,), generator=gen)
-    scale, shift = data.manifest["scaling_factor"], data.manifest["shift_factor"]
-    z = to_latent(data.mean[idx], data.std[idx], scale, shift, generator=gen)
-    return z.to(device), data.context[idx].to(device, torch.float32)
+def _ddp_step(parts: TrainParts, step_model, objective, micro, clip: float, fp16: bool) -> tuple[list, float, bool]:
+    """Accumulate over the micro-batches (no gradient all-reduce until the last), clip, step.
+    A non-finite gradient norm (a NaN loss on any rank makes it NaN on all) skips the update."""
+    acc, model, opt = parts.accelerator, parts.model, parts.optimizer
+    losses = []
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = nullcontext() if last or acc.num_processes == 1 else model.no_sync()
+        with sync, acc.autocast():
+            loss, stats = objective(step_model, *batch, parts.noise_gen)
+            acc.backward(loss)  # Accelerate divides by the accumulation steps
+        losses.append(stats["loss"])
+    norm = acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+    norm = float(norm)
+    finite = math.isfinite(norm)
+    if finite or fp16:  # under fp16 the grad scaler skips overflowing steps itself
+        opt.step()
+        finite = not (fp16 and opt.step_was_skipped)
+        if finite:
+            parts.scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return losses, norm, finite
+
+
+def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: NonFiniteGuard) -> tuple[list, float, bool]:
+    """DeepSpeed accumulates, clips and steps inside ``engine.step()``. A micro-batch whose loss
+    is non-finite on any rank is dropped on all ranks before backward (so DeepSpeed's
+    accumulation boundaries stay aligned) and replaced by the next batch; it counts in the guard."""
+    acc, engine = parts.accelerator, parts.model
+    losses, skipped_before = [], getattr(engine, "skipped_steps", 0)
+    while len(losses) < gas:
+        with acc.autocast():
+            loss, stats = objective(engine, *next_batch(), parts.noise_gen)
+        if not all_ranks_true(bool(torch.isfinite(loss.detach())), acc):
+            guard.record(False, parts.counters.step)
+            continue
+        engine.backward(loss)
+        engine.step()
+        losses.append(stats["loss"])
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else float("nan")
+    finite = getattr(engine, "skipped_steps", 0) == skipped_before  # fp16 overflow: DeepSpeed skipped
+    return losses, norm, finite
 
 
 def train_denoiser(
@@ -75,76 +139,119 @@ def train_denoiser(
     seed: int,
     log: MetricsLog,
     eval_fn: Callable[[int, torch.nn.Module], object] | None = None,
+    dist_cfg: DistributedConfig | None = None,
+    resume_from: Path | None = None,
+    objective: Callable | None = None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent cache; returns (model, EMA, summary). Checkpoints go to
-    ``run_dir/checkpoints``; ``eval_fn(step, ema_model)`` runs every ``train.eval_every`` steps
-    and at the end, on every rank."""
-    torch.manual_seed(seed)
-    model = build_unet(model_cfg)
-    if model_cfg.init_from is not None:
-        load_unet_weights(model, model_cfg.init_from)  # e.g. a pretrained SD U-Net folder
-    ema = EMA(model, train_cfg.ema_decay)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_cfg.lr,
-        betas=tuple(train_cfg.betas),
-        weight_decay=train_cfg.weight_decay,
-        fused=train_cfg.fused_optimizer or None,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg))
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    step_model = torch.compile(model) if train_cfg.compile else model
-    device = accelerator.device
+    ``run_dir/checkpoints``; ``resume_from`` continues a checkpoint exactly; ``eval_fn(step,
+    ema_model)`` runs every ``train.eval_every`` steps and at the end, on every rank. Raises
+    :class:`Preempted` after saving when SIGUSR1/SIGTERM arrives. ``objective`` replaces the
+    configured training objective (tests inject faults with it)."""
+    dist_cfg = dist_cfg or DistributedConfig()
+    batches = MemoryBatches(data, train_cfg.batch_size, seed, accelerator.process_index)
+    parts = build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed)
+    if resume_from is not None:
+        restore_training_state(parts, resume_from, dist_cfg.strategy)
+    device, total, gas = accelerator.device, train_cfg.steps, dist_cfg.gradient_accumulation_steps
     schedule = build_schedule(diffusion_cfg)
-    objective = build_objective(diffusion_cfg)
-    data_gen = torch.Generator().manual_seed(seed + accelerator.process_index)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 + accelerator.process_index)
+    loss_fn = objective or build_objective(diffusion_cfg)
     null = data.null_context.to(device, torch.float32)
+
+    def next_batch():
+        z, context = batches.next(device)
+        return z, context, null, schedule
+
+    step_model = torch.compile(parts.model) if train_cfg.compile else parts.model
+    flops = 3 * forward_flops(model_cfg, data.manifest["latent_shape"], list(data.context.shape[1:]))
+    peak = peak_flops(train_cfg, device)
+    writers = Writers(train_cfg, run_dir, accelerator.is_main_process)
+    signals, guard = SignalFlag(), NonFiniteGuard(train_cfg.max_nonfinite_steps)
+    watchdog = Watchdog(train_cfg.watchdog_seconds, accelerator.process_index)
+    guard.total = parts.counters.nonfinite_skipped
+    extra = {"strategy": dist_cfg.strategy, "seed": seed}
     t0, losses, window, ckpt = time.time(), [], [], None
-    bar = tqdm(range(train_cfg.steps), desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process)
-    for step in bar:
-        z, context = sample_batch(data, train_cfg.batch_size, data_gen, device)
-        with accelerator.accumulate(model), accelerator.autocast():
-            loss, stats = objective(step_model, z, context, null, schedule, noise_gen)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and train_cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            ema.update(accelerator.unwrap_model(model))
-        window.append(stats["loss"])  # a tensor: no host sync until the log step
-        done = step + 1
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            value = torch.stack(window).mean().item()  # mean over the interval, not one noisy batch
-            window.clear()
-            losses.append((step, value))
-            log.write(stage="train", step=step, loss=value, lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{value:.4f}")
-        if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
-            ckpt = _checkpoint(accelerator, run_dir, done, model, ema, opt, sched)
-        every = train_cfg.eval_every
-        if eval_fn is not None and every > 0 and (done % every == 0 or done == train_cfg.steps):
-            eval_fn(done, _ema_model(model_cfg, ema, device))  # every rank: sampling is split
+    timing = {"data": 0.0, "compute": 0.0, "steps": 0}
+    start = parts.counters.step
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process)
+    try:
+        while parts.counters.step < total:
+            step = parts.counters.step
+            watchdog.beat(step)
+            t_step = time.perf_counter()
+            if is_deepspeed(accelerator):
+                step_losses, norm, finite = _deepspeed_step(parts, loss_fn, next_batch, gas, guard)
+                t_data = 0.0  # drawn inside; in-memory batches cost microseconds
+            else:
+                micro = [next_batch() for _ in range(gas)]
+                t_data = time.perf_counter() - t_step
+                step_losses, norm, finite = _ddp_step(
+                    parts, step_model, loss_fn, micro, train_cfg.grad_clip, dist_cfg.mixed_precision == "fp16"
+                )
+            guard.record(finite, step)
+            parts.counters.nonfinite_skipped = guard.total
+            parts.counters.step = done = step + 1
+            parts.counters.samples_seen += train_cfg.batch_size * gas * accelerator.num_processes
+            if finite and done % train_cfg.ema_every == 0:
+                parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero_stage(dist_cfg) == 3))
+            window.extend(step_losses)  # tensors: no host sync until the log step
+            timing["data"] += t_data
+            timing["compute"] += time.perf_counter() - t_step - t_data
+            timing["steps"] += 1
+            bar.update(1)
+            if done % train_cfg.log_every == 0 or done == total:
+                value = _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak)
+                losses.append((step, value))
+            stop = any_rank_true(signals.raised, accelerator)
+            if done % train_cfg.checkpoint_every == 0 or done == total or stop or done in train_cfg.milestones:
+                ckpt = save_training_state(parts, run_dir / "checkpoints", train_cfg.keep_checkpoints, train_cfg.milestones, extra)
+            every = train_cfg.eval_every
+            if not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total):
+                eval_fn(done, ema_model(model_cfg, parts, device))  # every rank: sampling is split
+            if stop and done < total:
+                raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
+    finally:
+        bar.close()
+        signals.close()
+        watchdog.close()
+        writers.close()
     tail = [v for _, v in losses[-5:]] or [float("nan")]
-    result = TrainResult(train_cfg.steps, sum(tail) / len(tail), time.time() - t0, ckpt, losses)
-    return accelerator.unwrap_model(model), ema, result
+    result = TrainResult(total, sum(tail) / len(tail), time.time() - t0, ckpt, losses, resume_from, guard.total)
+    return accelerator.unwrap_model(parts.model), parts.ema, result
 
 
-def _ema_model(model_cfg: ModelConfig, ema: EMA, device) -> torch.nn.Module:
+def _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak) -> float:
+    """Mean loss over the interval (not one noisy batch), rates and memory; rank 0 writes."""
+    acc, counters = parts.accelerator, parts.counters
+    value = torch.stack(window).mean().item() if window else float("nan")
+    window.clear()
+    seconds = timing["data"] + timing["compute"]
+    per_rank_samples = train_cfg.batch_size * parts.accelerator.gradient_accumulation_steps * timing["steps"]
+    img_s = per_rank_samples * acc.num_processes / max(seconds, 1e-9)
+    record = {
+        "loss": value,
+        "grad_norm": norm,
+        "lr": parts.optimizer.param_groups[0]["lr"],
+        "img_per_s": round(img_s, 2),
+        "step_time": round(seconds / max(timing["steps"], 1), 5),
+        "data_time": round(timing["data"] / max(timing["steps"], 1), 5),
+        "compute_time": round(timing["compute"] / max(timing["steps"], 1), 5),
+        "samples_seen": counters.samples_seen,
+        "nonfinite_skipped": counters.nonfinite_skipped,
+        **memory_gib(acc.device),
+    }
+    if peak is not None:  # FLOPs per sample x samples per second per device / peak per device
+        record["mfu"] = round(flops * per_rank_samples / max(seconds, 1e-9) / peak, 4)
+    timing.update(data=0.0, compute=0.0, steps=0)
+    if acc.is_main_process:
+        log.write(stage="train", step=counters.step - 1, **record)
+        writers.scalars(counters.step, record)
+        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{img_s:.1f}")
+    return value
+
+
+def ema_model(model_cfg: ModelConfig, parts: TrainParts, device, index: int = 0) -> torch.nn.Module:
+    """A full model holding EMA ``index`` (sharded EMAs are gathered once: every rank calls this)."""
     model = build_unet(model_cfg).to(device)
-    ema.copy_to(model)
+    parts.ema.copy_to(model, index, gather_chunks(parts.accelerator))
     return model.eval()
-
-
-def _checkpoint(accelerator: Accelerator, run_dir: Path, step: int, model, ema: EMA, opt, sched) -> Path | None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
-    state = {"ema_updates": ema.num_updates, "lr_scheduler": sched.state_dict()}
-    return save_checkpoint(
-        run_dir / "checkpoints", step, accelerator.unwrap_model(model), ema.state_dict(), opt, state, keep_last=3
-    )

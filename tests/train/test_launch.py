@@ -32,7 +32,8 @@ def test_accelerate_launch_runs_train_stage(micro_run, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "checkpoints" / "step-0000003" / "ema.safetensors").is_file()
+    assert (run / "checkpoints" / "step-0000003" / "ema-00000-of-00001.safetensors").is_file()
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["train"]["steps"] == 3 and written["run"]["dir"] == str(run)
     assert written["distributed"]["mixed_precision"] == "bf16"

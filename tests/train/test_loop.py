@@ -16,7 +16,6 @@ from ldm_train.train.checkpoint import (
     load_weights,
     read_state,
 )
-from ldm_train.train.ema import EMA
 from ldm_train.train.loop import lr_lambda, make_accelerator, train_denoiser
 from ldm_train.utils.runs import MetricsLog
 
@@ -80,18 +79,22 @@ def test_only_last_three_checkpoints_kept(fixed_batch_run):
 def test_checkpoint_contents(fixed_batch_run):
     run_dir, model, ema, _, _ = fixed_batch_run
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.pt", "state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "ema-00000-of-00001.safetensors", "model.safetensors", "optimizer.pt", "rank-00000.safetensors", "state.json"
+    ]
     raw = load_weights(ckpt, "model")
     assert raw.keys() == model.state_dict().keys()
     assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())
     ema_w = load_weights(ckpt, "ema")
-    assert ema_w.keys() == ema.shadow.keys()
-    assert all(torch.equal(ema_w[k], v) for k, v in ema.shadow.items())
+    full = ema.full_weights()
+    assert ema_w.keys() == full.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(ema_w[k], v) for k, v in full.items())
     assert all(torch.equal(ema_w[k], v) for k, v in load_weights(ckpt).items())  # "ema" is the default
     assert any(not torch.equal(ema_w[k], raw[k]) for k in ema_w)  # EMA is not the raw model
 
     state = read_state(ckpt)
-    assert state["step"] == 40 and state["ema_updates"] == 40
+    assert state["step"] == 40 and state["ema"] == {"decays": [0.999], "num_updates": 40, "world": 1}
+    assert state["samples_seen"] == 40 * 8 and state["world_size"] == 1 and state["strategy"] == "ddp"
     assert state["lr_scheduler"]["last_epoch"] == 40
     assert json.loads((ckpt / "state.json").read_text()) == state
 
@@ -116,8 +119,8 @@ def test_same_seed_bitwise_identical_different_seed_not(micro_run, micro_latents
     assert ra.losses == rb.losses
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
-    for k, v in ema_a.shadow.items():
-        assert torch.equal(v, ema_b.shadow[k]), k
+    for k, v in ema_a.full_weights().items():
+        assert torch.equal(v, ema_b.full_weights()[k]), k
     assert ra.losses != rc.losses
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
     # the saved files agree bit for bit too
@@ -130,67 +133,6 @@ def test_final_step_always_checkpointed(micro_run, micro_latents, tmp_path):
     _, _, result, _ = train(micro_run, fixed_subset(micro_latents, 4), tmp_path, steps=5, batch_size=2, checkpoint_every=3)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000003", "step-0000005"]
     assert result.checkpoint.name == "step-0000005"
-
-
-# --- EMA -------------------------------------------------------------------------------------
-
-
-def test_ema_warmup_decay_formula():
-    ema = EMA(torch.nn.Linear(2, 2), decay=0.999)
-    for t, expected in [(0, 1 / 10), (1, 2 / 11), (10, 11 / 20), (100, 101 / 110), (10_000, 0.999)]:
-        ema.num_updates = t
-        assert ema.current_decay() == pytest.approx(expected)
-
-
-def test_ema_decay_is_capped_by_configured_decay():
-    ema = EMA(torch.nn.Linear(2, 2), decay=0.2)
-    ema.num_updates = 0
-    assert ema.current_decay() == pytest.approx(0.1)  # (1+0)/(10+0) < 0.2
-    ema.num_updates = 5
-    assert ema.current_decay() == pytest.approx(0.2)  # 6/15 = 0.4 > 0.2
-
-
-def test_ema_update_is_the_weighted_average():
-    model = torch.nn.Linear(3, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(0.0)
-    ema = EMA(model, decay=0.99)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model)  # d = 1/10: shadow = 0.1 * 0 + 0.9 * 1
-    assert torch.allclose(ema.shadow["weight"], torch.full((1, 3), 0.9))
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-    ema.update(model)  # d = 2/11: shadow = 2/11 * 0.9 + 9/11 * 2
-    assert torch.allclose(ema.shadow["weight"], torch.full((1, 3), 2 / 11 * 0.9 + 9 / 11 * 2))
-    assert ema.num_updates == 2
-
-
-def test_ema_copy_to_installs_shadow():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    ema = EMA(model, decay=0.9)
-    target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    for k in ema.shadow:
-        ema.shadow[k].normal_()
-    ema.copy_to(target)
-    for k, p in target.named_parameters():
-        assert torch.equal(p.detach(), ema.shadow[k])
-    x = torch.randn(5, 3)
-    assert not torch.allclose(model(x), target(x))
-
-
-def test_ema_state_round_trip():
-    model = torch.nn.Linear(3, 2)
-    ema = EMA(model, 0.9)
-    ema.update(model)
-    state = ema.state_dict()
-    other = EMA(torch.nn.Linear(3, 2), 0.9)
-    other.load_state_dict(state, ema.num_updates)
-    assert other.num_updates == 1
-    assert all(torch.equal(other.shadow[k], v) for k, v in state.items())
-    state["weight"].add_(1.0)  # state_dict returns copies
-    assert not torch.equal(ema.shadow["weight"], state["weight"])
 
 
 def test_lr_lambda_warmup_then_cosine(micro_run):

@@ -1,0 +1,127 @@
+"""Saving and restoring the whole training state, for every strategy (layout: checkpoint.py).
+
+Exactness: model, optimizer, LR scheduler, grad scaler, every EMA, the step/sample counters,
+every rank's torch RNG state and its data and noise generators are restored, so on a
+deterministic device (CPU) a run of 2N steps equals N steps + resume + N steps bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..errors import UserError
+from . import checkpoint as ck
+from .ema import EMA
+from .strategy import is_deepspeed
+
+DS_TAG = "state"
+
+
+@dataclass
+class Counters:
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    samples_seen: int = 0  # over all ranks
+    nonfinite_skipped: int = 0
+
+
+@dataclass
+class TrainParts:
+    """Everything the loop mutates, as one bundle for save/restore."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # as returned by accelerator.prepare (DDP wrapper or DeepSpeed engine)
+    optimizer: object
+    scheduler: object
+    ema: EMA
+    batches: object  # MemoryBatches or a streaming source with state()/load()
+    noise_gen: torch.Generator
+    counters: Counters = field(default_factory=Counters)
+
+
+class ResumeError(UserError):
+    """A checkpoint that cannot resume this run (another world size, strategy or EMA set)."""
+
+
+def _rank_tensors(parts: TrainParts) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = parts.batches.state()
+    tensors = dict(tensors, torch_cpu=torch.get_rng_state(), noise_generator=parts.noise_gen.get_state())
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(parts.accelerator.device)
+    return tensors, {"data": meta}
+
+
+def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, milestones: list[int], extra: dict) -> Path:
+    """Every rank calls this; returns the published ``step-N`` folder."""
+    acc, step = parts.accelerator, parts.counters.step
+    if acc.is_main_process:
+        ck.begin_save(ckpt_root, step)
+    acc.wait_for_everyone()
+    tmp = ck.step_dir(ckpt_root, step, tmp=True)
+    deepspeed = is_deepspeed(acc)
+    if deepspeed:
+        parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG)  # every rank writes its partition
+    weights = acc.get_state_dict(parts.model)  # a collective under ZeRO-3 (gathered to rank 0)
+    if acc.is_main_process:
+        ck.save_model_weights(tmp, weights)
+        if not deepspeed:
+            torch.save(parts.optimizer.state_dict(), tmp / "optimizer.pt")
+        state = dict(asdict(parts.counters), world_size=acc.num_processes, **extra)
+        state["ema"] = {"decays": parts.ema.decays, "num_updates": parts.ema.num_updates, "world": parts.ema.layout.world}
+        if not deepspeed:
+            state["lr_scheduler"] = parts.scheduler.state_dict()
+            if acc.scaler is not None:
+                state["grad_scaler"] = acc.scaler.state_dict()
+        ck.save_json(tmp, "state.json", state)
+    ck.save_ema(tmp, parts.ema, acc.process_index)
+    tensors, meta = _rank_tensors(parts)
+    ck.write_rank_state(tmp, acc.process_index, tensors, meta)
+    acc.wait_for_everyone()
+    final = ck.step_dir(ckpt_root, step)
+    if acc.is_main_process:
+        ck.finish_save(ckpt_root, step, keep_last, milestones)
+    acc.wait_for_everyone()
+    return final
+
+
+def check_compatible(ckpt: Path, parts: TrainParts, strategy: str) -> dict:
+    state = ck.read_state(ckpt)
+    acc = parts.accelerator
+    if state.get("world_size") != acc.num_processes:
+        raise ResumeError(
+            f"{ckpt} was saved by {state.get('world_size')} processes, this run has {acc.num_processes}: "
+            "resume with the same number of processes (or start over with --overwrite)"
+        )
+    if state.get("strategy") != strategy:
+        raise ResumeError(f"{ckpt} was saved with distributed.strategy={state.get('strategy')}, this run uses {strategy}")
+    if state["ema"]["decays"] != parts.ema.decays or state["ema"]["world"] != parts.ema.layout.world:
+        raise ResumeError(
+            f"{ckpt} holds EMAs {state['ema']['decays']} over {state['ema']['world']} shard(s); this run wants "
+            f"{parts.ema.decays} over {parts.ema.layout.world} (train.ema_decays, distributed.ema_sharded)"
+        )
+    return state
+
+
+def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None:
+    """Load ``ckpt`` into ``parts`` (every rank calls this)."""
+    state = check_compatible(ckpt, parts, strategy)
+    acc = parts.accelerator
+    if is_deepspeed(acc):
+        parts.model.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG)
+    else:
+        acc.unwrap_model(parts.model).load_state_dict(ck.load_weights(ckpt, "model"))
+        parts.optimizer.load_state_dict(ck.load_optimizer_state(ckpt))
+        parts.scheduler.load_state_dict(state["lr_scheduler"])
+        if acc.scaler is not None and "grad_scaler" in state:
+            acc.scaler.load_state_dict(state["grad_scaler"])
+    chunk, num_updates = ck.load_ema_chunk(ckpt, parts.ema.layout.rank, parts.ema.layout.world)
+    parts.ema.load_state_dict(chunk, num_updates)
+    tensors, meta = ck.read_rank_state(ckpt, acc.process_index)
+    parts.batches.load(tensors, meta["data"])
+    torch.set_rng_state(tensors["torch_cpu"])
+    parts.noise_gen.set_state(tensors["noise_generator"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"], acc.device)
+    parts.counters = Counters(state["step"], state["samples_seen"], state["nonfinite_skipped"])
