@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,45 @@ def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
+def background(items: Iterator, depth: int = 2) -> Iterator:
+    """``items`` produced by a thread, up to ``depth`` ahead, in order. Reading, PIL decoding and
+    resizing release the GIL, so they overlap the autoencoder instead of leaving the GPU idle."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(message) -> bool:
+        while not stop.is_set():  # a consumer that stopped early must not leave us blocked
+            try:
+                out.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # re-raised in the consumer, with its traceback
+            put(("end", e))
+
+    thread = threading.Thread(target=produce, name="encode-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = out.get()
+            if kind == "end":
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 class PartWriter:
     """``latents-IIIIII-PPP.tar`` parts of one input shard, each renamed from ``.tmp`` when full."""
 
@@ -201,7 +242,7 @@ def encode_input_shard(index: int, url: str, out: Path, enc: Encoders, progress:
     writer = PartWriter(out, index, enc.cfg.shard_size)
     try:
         samples = iter_samples(url, enc.resolution, report, allow_empty=True, **enc.read_kwargs)
-        for batch in _batches(samples, enc.cfg.batch_size):
+        for batch in background(_batches(samples, enc.cfg.batch_size)):
             for s, tensors in zip(batch, enc.encode(batch)):
                 meta = dict(s["meta"], source_shard=url)
                 meta.update({k: list(s[k]) for k in ("original_size", "crop_box") if s.get(k) is not None})

@@ -188,3 +188,21 @@ def test_merge_reports_adds_counts_and_names():
                       "failed_shards": ["b.tar"], "shard_errors": {"b.tar": "not a tar"}}
 
 
+
+
+def test_background_reader_keeps_order_raises_and_stops():
+    from ldm_train.latents.encode import background
+
+    assert list(background(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad shard")
+
+    it = background(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)
+    early = background(iter(range(1000)), depth=1)
+    assert next(early) == 0
+    early.close()  # the producer thread must notice and end (join returns)
