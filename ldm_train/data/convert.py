@@ -262,7 +262,7 @@ def convert_hf(
 
     ds, split = open_dataset(dataset, split, cache_dir)
     ds = prepare_columns(ds, dataset, image_column, caption_column)
-    base = Path(dataset) if Path(dataset).is_dir() else None
+    base = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent  # relative image paths
     report = SkipReport()
     info = {"kind": "hf", "source": dataset, "split": split, "image_column": image_column,
             "caption_column": caption_column}
