@@ -72,8 +72,10 @@ def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> T
         model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay,
         fused=(train_cfg.fused_optimizer and not is_deepspeed(accelerator)) or None,
     )
+    # The scheduler is stepped here once per applied optimizer step, not through Accelerate
+    # (whose wrapper steps it once per process, and which DeepSpeed would not step at all).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg))
-    model, opt, sched = accelerator.prepare(model, opt, sched)
+    model, opt = accelerator.prepare(model, opt)
     zero3 = zero_stage(dist_cfg) == 3
     module = accelerator.unwrap_model(model)
     sharded = zero3 or (dist_cfg.ema_sharded and accelerator.num_processes > 1)
@@ -126,6 +128,8 @@ def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: N
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
     finite = getattr(engine, "skipped_steps", 0) == skipped_before  # fp16 overflow: DeepSpeed skipped
+    if finite:
+        parts.scheduler.step()
     return losses, norm, finite
 
 

@@ -70,8 +70,8 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
             torch.save(parts.optimizer.state_dict(), tmp / "optimizer.pt")
         state = dict(asdict(parts.counters), world_size=acc.num_processes, **extra)
         state["ema"] = {"decays": parts.ema.decays, "num_updates": parts.ema.num_updates, "world": parts.ema.layout.world}
+        state["lr_scheduler"] = parts.scheduler.state_dict()
         if not deepspeed:
-            state["lr_scheduler"] = parts.scheduler.state_dict()
             if acc.scaler is not None:
                 state["grad_scaler"] = acc.scaler.state_dict()
         ck.save_json(tmp, "state.json", state)
@@ -113,9 +113,11 @@ def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None
     else:
         acc.unwrap_model(parts.model).load_state_dict(ck.load_weights(ckpt, "model"))
         parts.optimizer.load_state_dict(ck.load_optimizer_state(ckpt))
-        parts.scheduler.load_state_dict(state["lr_scheduler"])
         if acc.scaler is not None and "grad_scaler" in state:
             acc.scaler.load_state_dict(state["grad_scaler"])
+    parts.scheduler.load_state_dict(state["lr_scheduler"])
+    for group, lr in zip(parts.scheduler.optimizer.param_groups, parts.scheduler.get_last_lr()):
+        group["lr"] = lr  # the LR of the next step, whatever the optimizer's own checkpoint held
     chunk, num_updates = ck.load_ema_chunk(ckpt, parts.ema.layout.rank, parts.ema.layout.world)
     parts.ema.load_state_dict(chunk, num_updates)
     tensors, meta = ck.read_rank_state(ckpt, acc.process_index)
