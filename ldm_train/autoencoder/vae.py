@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from diffusers import AutoencoderKL
 
 from ..errors import UserError
 from ..config import AutoencoderConfig
+from ..utils.hub import hub_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,6 @@ def _run_dtype(dtype: str, config: dict, force_upcast: bool | None, where: str) 
     return DTYPES[dtype]
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -130,8 +123,9 @@ def _hub_message(repo: str, why: str) -> str:
 
 def _load_hub(repo: str, subfolder: str | None, dtype: str, force_upcast: bool | None) -> AutoencoderKL:
     """From the Hub (VAE-only repos at the root, full checkpoints in ``vae/``), where reachable."""
-    if _hub_offline():
-        raise AutoencoderError(_hub_message(repo, "HF_HUB_OFFLINE is set"))
+    why = hub_unavailable()
+    if why:
+        raise AutoencoderError(_hub_message(repo, why))
     error = None
     for sub in [subfolder] if subfolder else [None, "vae"]:
         try:

@@ -4,22 +4,12 @@ json, arrow, an imagefolder), or a hub id where the hub is reachable. ``datasets
 here only, so the rest of the package does not pay for it."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..utils.hub import hub_unavailable
 from .shards import DataError
 
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
-_TRUE = ("1", "on", "yes", "true")
-
-
-def hub_offline() -> bool:
-    """True when the user said so (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), read at call time
-    since ``datasets.config`` reads them only at import."""
-    import datasets
-
-    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-    return any(f in _TRUE for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def offline_hint(dataset: str) -> str:
@@ -43,11 +33,9 @@ def _load(dataset: str, split: str | None, cache_dir: Path | None):
         return datasets.load_dataset(builder, data_files=str(path), split=split, cache_dir=cache)
     if path.is_dir():
         return datasets.load_dataset(str(path), split=split, cache_dir=cache)
-    if hub_offline():
-        raise DataError(
-            f"--dataset {dataset}: not a local path, and the Hugging Face hub is offline "
-            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {offline_hint(dataset)}"
-        )
+    why = hub_unavailable("HF_DATASETS_OFFLINE")
+    if why:
+        raise DataError(f"--dataset {dataset}: not a local path, and the Hugging Face hub is not usable ({why}); {offline_hint(dataset)}")
     return datasets.load_dataset(dataset, split=split or "train", cache_dir=cache)
 
 

@@ -127,3 +127,25 @@ def test_project_vae_is_saved_without_force_upcast(tmp_path):
     assert vae.config.force_upcast is False
     vae.save_pretrained(tmp_path / "vae")
     assert load_vae(tmp_path / "vae", "fp16").dtype == torch.float16
+
+
+def test_hub_id_without_network_fails_fast_naming_the_endpoint(tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def no_network(address, timeout=None):
+        calls.append((address, timeout))
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(AutoencoderError, match=r"cannot reach https://huggingface.co: .*Name or service not known"):
+        load_vae("org/vae")
+    assert calls == [(("huggingface.co", 443), 5)]
