@@ -138,3 +138,21 @@ def test_hostile_member_names_become_safe_distinct_keys(tmp_path):
     assert all("/" not in n and ".." not in n for n in names)
     assert sorted(p.name for p in (out / "extracted").iterdir()) == sorted(f"{k}.{e}" for k in keys for e in ("json", "png", "txt"))
     assert not (tmp_path.parent / "evil.png").exists() and not Path("/abs/olute.png").exists()
+
+
+def test_train_vae_stops_on_failed_shards_before_training_unless_tolerated(tmp_path):
+    from conftest import micro_config
+
+    from ldm_train import stages
+
+    cfg = micro_config(tmp_path / "run", "autoencoder.train.steps=1")
+    train = cfg.path(cfg.data.train_shards)
+    write_shards(synthetic_samples(4, size=RES), train, "train", 10)
+    write_shards(synthetic_samples(2, size=RES, prefix="v"), cfg.path(cfg.data.val_shards), "val", 10)
+    (train / "train-000001.tar").write_bytes(b"")
+    with pytest.raises(FailedShardsError, match=r"train-vae: 1 input\(s\) could not be read: .*train-000001.tar"):
+        stages.train_vae_stage(cfg, False)
+    assert not (cfg.path(cfg.autoencoder.path) / "config.json").exists()
+    tolerant = micro_config(tmp_path / "run", "autoencoder.train.steps=1", "data.tolerate_failed_shards=true")
+    assert stages.train_vae_stage(tolerant, True)["steps"] == 1
+    assert (cfg.path(cfg.autoencoder.path) / "config.json").is_file()
