@@ -96,9 +96,11 @@ def test_missing_config_file(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_slurm_not_implemented_exits_2(capsys):
-    assert main(["slurm"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+def test_slurm_without_action_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["slurm"])
+    assert info.value.code == 2
+    assert "submit" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not EMOJI_FONT.is_file(), reason=f"emoji font not installed at {EMOJI_FONT}")

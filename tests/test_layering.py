@@ -29,7 +29,7 @@ LAYERS = {
     "export": 7,
 }
 BASE = {"config", "errors", "utils"}  # importable from anywhere
-ORCHESTRATION = {"stages", "demo", "cli"}  # may import anything
+ORCHESTRATION = {"stages", "demo", "cli", "slurm"}  # may import anything
 TOP_LEVEL_OK = {"__init__"}
 DISTRIBUTED = ("accelerate", "deepspeed", "torch.distributed")
 NO_DISTRIBUTED = ("model", "diffusion")
@@ -163,7 +163,7 @@ def test_every_subpackage_and_module_is_classified():
             continue  # ldm_train/__init__.py
         assert parts[1] in known, f"{path}: add {parts[1]!r} to the layer table in this test"
     found = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
-    assert found == set(LAYERS) | {"utils"}
+    assert found - ORCHESTRATION == set(LAYERS) | {"utils"}
 
 
 MODULES = all_modules()

@@ -1,0 +1,95 @@
+"""Helpers of the Slurm tests: polling with a deadline, job states, the run folder's records."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+LOCAL_SLURM = REPO / "launch" / "slurm_local.sh"
+DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
+
+
+def unavailable() -> str | None:
+    missing = [t for t in DAEMONS if shutil.which(t) is None]
+    if missing:
+        return (f"Slurm is not installed ({', '.join(missing)} not found); "
+                "`bash launch/setup.sh test` installs slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        return "the local test Slurm needs root (slurmd starts jobs as their user)"
+    return None
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def job_field(job_id: int, key: str) -> str | None:
+    proc = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], capture_output=True, text=True)
+    for token in proc.stdout.split():
+        k, _, v = token.partition("=")
+        if k == key:
+            return v
+    return None
+
+
+def ended(job_id: int) -> str | None:
+    """The final state once the job has ended (and is not about to be requeued), else None."""
+    state = job_field(job_id, "JobState")
+    return state if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"} else None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def events(run: Path) -> list[dict]:
+    path = run / "slurm" / "jobs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def last_step(run: Path) -> int | None:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
+    return steps[-1] if steps else None
+
+
+def signal_batch(job_id: int) -> None:
+    """What Slurm does ``--signal`` seconds before the time limit: USR1 to the batch shell."""
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True, timeout=30)
+
+
+def submit(capsys, *argv: str) -> int:
+    """``ldm-train slurm submit ...`` in-process; returns the job id it printed."""
+    from ldm_train.cli import main
+
+    capsys.readouterr()
+    rc = main(["slurm", "submit", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)["job_id"]
+
+
+def job_log(run: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+
+
+PYTHON = sys.executable
