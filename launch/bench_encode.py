@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Encode throughput: the full ``encode`` path against the autoencoder's own encode speed.
+
+A benchmark, not a test. In one run, on one device, on the same images:
+
+- ``vae only``: ``encode_posterior`` on pre-decoded tensors already on the device (the ceiling);
+- ``text only``: the text tower on the captions (part of the full path, shown for attribution);
+- ``full encode``: ``ldm_train.latents.encode.encode_split`` from image-caption shards (tar
+  reading, image decoding, resize/crop, VAE, text tower, fp16 packing, writing latent shards).
+
+The ratio full / vae-only says how much of the VAE's speed the pipeline keeps (1.0 = data
+handling fully hidden). Prints a table and writes JSON (``--json``).
+
+Examples::
+
+    python launch/bench_encode.py                                  # CPU, demo VAE, 64 px (~1 min)
+    python launch/bench_encode.py --device cuda --vae sd --res 256 --n 4096 --batch 64 --dtype bf16
+    python launch/bench_encode.py --device cuda --vae-path /models/sd-vae --res 512 --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ldm_train.autoencoder.vae import DTYPES, build_vae, encode_posterior, load_vae  # noqa: E402
+from ldm_train.config import AutoencoderConfig, LatentsConfig, TextConfig  # noqa: E402
+from ldm_train.data.shards import preprocess, write_shards  # noqa: E402
+from ldm_train.latents.encode import Encoders, encode_split  # noqa: E402
+from ldm_train.text.encoder import prepare_text_encoder  # noqa: E402
+
+# SD 1.x/2.x AutoencoderKL architecture (83.7 M parameters), random init: same compute as the real one
+SD_VAE = AutoencoderConfig(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vae", choices=["demo", "sd"], default="demo", help="demo: the project's default VAE; sd: SD's architecture")
+    p.add_argument("--vae-path", default=None, help="a diffusers AutoencoderKL folder instead of --vae")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autoencoder dtype")
+    p.add_argument("--res", type=int, default=64, help="training resolution (images are stored 25%% larger, so resized)")
+    p.add_argument("--n", type=int, default=512, help="images")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=128, help="images per input shard")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images(n: int, size: int, seed: int = 0):
+    """Smooth random colour fields as JPEG-like content (decoding cost close to photos')."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+        yield f"b{i:06d}", image, f"random field number {i}", {"i": i}
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict:
+    device = torch.device(args.device)
+    src_res = args.res * 5 // 4
+    samples = list(_images(args.n, src_res))
+    write_shards(samples, tmp / "src", "src", args.shard_size, image_format="jpg")
+    if args.vae_path:
+        vae = load_vae(args.vae_path, args.dtype).to(device)
+    else:
+        torch.manual_seed(0)
+        vae = build_vae(SD_VAE if args.vae == "sd" else AutoencoderConfig()).to(device, DTYPES[args.dtype]).eval()
+    text = prepare_text_encoder(TextConfig(), tmp / "text").to(device)
+    pixels = torch.stack([preprocess(im, args.res) for _, im, _, _ in samples]).to(device)
+    captions = [c for _, _, c, _ in samples]
+    batches = range(0, args.n, args.batch)
+    encode_posterior(vae, pixels[: args.batch])  # warm-up (kernels, allocator)
+    text(captions[: args.batch])
+    vae_s = _timed(lambda: [encode_posterior(vae, pixels[i : i + args.batch]) for i in batches], device)
+    text_s = _timed(lambda: [text(captions[i : i + args.batch]) for i in batches], device)
+    enc = Encoders(vae, text, LatentsConfig(batch_size=args.batch, shard_size=args.shard_size), args.res, device)
+    full_s = _timed(lambda: encode_split(str(tmp / "src"), tmp / "out", enc, progress=False), device)
+    written = json.loads((tmp / "out" / "manifest.json").read_text())["samples_written"]
+    assert written == args.n, f"encode wrote {written} of {args.n}"
+    params = sum(p.numel() for p in vae.parameters())
+    return {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(), "vae": args.vae_path or args.vae, "vae_params": params,
+        "dtype": args.dtype, "res": args.res, "source_res": src_res, "n": args.n, "batch": args.batch,
+        "vae_only_img_per_s": args.n / vae_s, "text_only_img_per_s": args.n / text_s,
+        "full_encode_img_per_s": args.n / full_s, "ratio_full_to_vae": vae_s / full_s,
+        "seconds": {"vae_only": vae_s, "text_only": text_s, "full_encode": full_s},
+    }
+
+
+def table(r: dict) -> str:
+    rows = [("vae only (pre-decoded tensors)", r["vae_only_img_per_s"]), ("text tower only", r["text_only_img_per_s"]),
+            ("full encode (shards -> latent shards)", r["full_encode_img_per_s"])]
+    head = (f"encode benchmark: {r['device_name']}, {r['vae']} VAE ({r['vae_params'] / 1e6:.1f} M params, {r['dtype']}), "
+            f"{r['n']} images {r['source_res']} px -> {r['res']} px, batch {r['batch']}")
+    lines = [head, f"{'path':<40}{'img/s':>10}"] + [f"{name:<40}{v:>10.1f}" for name, v in rows]
+    lines.append(f"{'ratio full / vae only':<40}{r['ratio_full_to_vae']:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    try:
+        result = run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
