@@ -11,7 +11,9 @@ contract, so the Slurm side can be tested without the real training loop:
 
 Knobs for the tests (environment): ``STANDIN_HOLD_AT=K`` makes the first start (restart count 0)
 wait at step K until a signal comes, so the signal always lands mid-run without timing guesses;
-``STANDIN_CRASH_ON_SIGNAL=1`` makes it crash (exit 1, state failed) instead of checkpointing.
+``STANDIN_CRASH_ON_SIGNAL=1`` makes it crash (exit 1, state failed) instead of checkpointing;
+``STANDIN_SAVE_SECONDS=S`` makes the save on a signal take S seconds, as a large checkpoint does
+(the launcher must wait for it rather than let the ranks be killed).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -77,6 +80,7 @@ def main(argv: list[str]) -> int:
                     write_status(run, "failed", step)
                 return 1
             if rank0:
+                time.sleep(float(os.environ.get("STANDIN_SAVE_SECONDS", "0")))  # a big checkpoint
                 save(run, step, value)
                 write_status(run, "preempted", step)
             return 75

@@ -5,6 +5,7 @@ fail for another reason, or have used up their requeues, are not requeued."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import yaml
@@ -40,7 +41,7 @@ def final_value(run) -> dict:
 def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slurm_cluster, tmp_path, capsys):
     ref_cfg, ref_run = standin_config(tmp_path, "reference")
     ref_job = submit(capsys, "--config", str(ref_cfg))
-    cfg, run = standin_config(tmp_path, "preempted", env={"STANDIN_HOLD_AT": "5"})
+    cfg, run = standin_config(tmp_path, "preempted", env={"STANDIN_HOLD_AT": "5", "STANDIN_SAVE_SECONDS": "3"})
     job = submit(capsys, "--config", str(cfg))
 
     # The reference runs through without a signal: finished, never requeued.
@@ -59,6 +60,8 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
     kinds = [(e["event"], e.get("restart")) for e in events(run)]
     assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run)
     assert job_field(job, "Restarts") == "1"
+    # torchrun handled the signal (forwarded it, waited for the save) instead of dying of it
+    assert events(run)[3]["exit"] != 128 + signal.SIGUSR1 and "Received 10 death signal" in job_log(run)
     assert (run / "checkpoints" / "step-0000006").is_dir()  # written on the signal, after step 6
     assert final_value(run) == final_value(ref_run) and final_value(run)["step"] == STEPS
 

@@ -60,7 +60,8 @@ def test_four_nodes_eight_gpus_line_by_line():
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
     assert "MASTER_PORT=$(( 29500 + SLURM_JOB_ID % 1000 ))" in lines
     assert "export MASTER_ADDR MASTER_PORT" in lines
-    assert "export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in lines
+    assert "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in lines
+    assert "export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE" in lines
     assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in lines
     assert "export LDM_PY=/opt/venv/bin/python" in lines
     assert "export LDM_CONFIG=/scratch/runs/exp1/slurm/train-config.yaml" in lines

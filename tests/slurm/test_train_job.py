@@ -1,0 +1,62 @@
+"""End to end on the real local Slurm with the real ``ldm-train train`` (micro config, latents
+of the session's micro run): a 2-rank job trains, gets the warning signal, checkpoints, requeues
+itself, resumes and finishes with bit-identical weights to a job that was never interrupted."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .slurm_helpers import REPO, ended, events, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+MICRO = REPO / "configs" / "micro.yaml"
+STEPS = 40
+
+
+def submit_train(micro_run, tmp_path, capsys, name: str) -> tuple:
+    run = tmp_path / name
+    shutil.copytree(micro_run.cfg.path(micro_run.cfg.latents.dir), run / "latents")
+    job = submit(
+        capsys, "--config", str(MICRO), f"run.dir={run}", f"train.steps={STEPS}", "train.checkpoint_every=20",
+        "distributed.cpu=true", "slurm.cpu_processes_per_node=2", "slurm.signal_seconds=60",
+    )
+    return run, job
+
+
+def final_weights(run) -> dict:
+    (ckpt,) = [p for p in (run / "checkpoints").glob(f"step-{STEPS:07d}") if p.is_dir()]
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes, so that the comparison is bitwise (NaNs and -0.0 included)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_preempted_training_job_resumes_to_the_uninterrupted_weights(micro_run, slurm_cluster, tmp_path, capsys):
+    run, job = submit_train(micro_run, tmp_path, capsys, "preempted")
+    ref_run, ref_job = submit_train(micro_run, tmp_path, capsys, "reference")
+
+    # Signal as soon as training has logged a step (its signal handlers are installed by then).
+    wait_until(lambda: last_step(run) is not None, 300, "the first logged training step")
+    signal_batch(job)
+    wait_until(lambda: (read_json(run / "status.json") or {}).get("state") == "preempted", 120, "the preempted status")
+    preempted_at = read_json(run / "status.json")["step"]
+    assert 0 < preempted_at < STEPS, "the signal must land mid-run"
+
+    assert wait_until(lambda: ended(job), 300, "the requeued job to finish") == "COMPLETED", job_log(run)
+    assert wait_until(lambda: ended(ref_job), 300, "the reference job to finish") == "COMPLETED", job_log(ref_run)
+    kinds = [(e["event"], e.get("restart")) for e in events(run)]
+    assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run)
+    assert events(run)[-1]["state"] == "finished" and job_field(job, "Restarts") == "1"
+    assert "Received 10 death signal" in job_log(run)  # torchrun forwarded USR1 and waited for the save
+    assert read_json(run / "status.json")["state"] == "finished"
+    assert last_step(run) == STEPS - 1
+
+    a, b = final_weights(run), final_weights(ref_run)
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
