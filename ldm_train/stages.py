@@ -76,7 +76,8 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
         old = yaml.safe_load(path.read_text()) or {}
         new = cfg.model_dump()
         diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        diff = [d for d in diff if d not in may_differ]
+        # slurm.* says how a run is submitted, not what it computes: it may change between jobs
+        diff = [d for d in diff if d not in may_differ and not d.startswith("slurm.")]
         if diff:
             raise OutputExistsError(
                 f"{path} holds a different run (differs in {', '.join(diff[:6])}); "

@@ -183,3 +183,17 @@ def test_slurm_package_imports_no_training_layer():
         layers = {subpackage_of(m) for m in scan(path)} & set(LAYERS)
         assert not layers, f"{path} imports {layers}"
         assert not {m for m in scan(path) if m.split(".")[0] in ("torch", "accelerate")}, path
+
+
+def test_slurm_keys_may_change_between_jobs_of_a_run(tmp_path):
+    """A run resubmitted with other Slurm settings (more requeues, another partition) is the
+    same run: the stages' config check ignores ``slurm.*`` but still refuses real changes."""
+    from ldm_train.config import load_config
+    from ldm_train.stages import record_config
+    from ldm_train.utils.runs import OutputExistsError
+
+    micro = REPO / "configs" / "micro.yaml"
+    record_config(load_config(micro, [f"run.dir={tmp_path}"]), False)
+    record_config(load_config(micro, [f"run.dir={tmp_path}", "slurm.max_requeues=2", "slurm.partition=gpu"]), False)
+    with pytest.raises(OutputExistsError, match="train.lr"):
+        record_config(load_config(micro, [f"run.dir={tmp_path}", "train.lr=0.5"]), False)
