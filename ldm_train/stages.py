@@ -198,8 +198,9 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         if accelerator.is_main_process:
             write_status(run, "failed", latest_step(ckpts), reason=f"{type(e).__name__}: {e}"[:500])
         raise
-    if accelerator.is_main_process:
-        write_status(run, "finished", result.steps)
+    if not accelerator.is_main_process:
+        return {}  # one summary per run, from rank 0
+    write_status(run, "finished", result.steps)
     curves = {"denoiser loss": last_segment([(r["step"], r["loss"]) for r in log.read() if r.get("stage") == "train"])}
     vae_points = last_segment([(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"])
     if vae_points:
@@ -213,7 +214,7 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         "nonfinite_skipped": result.nonfinite_skipped,
         "strategy": cfg.distributed.strategy,
         "processes": accelerator.num_processes,
-        "loss_plot": str(plot_losses(run / "loss.png", curves)) if accelerator.is_main_process else None,
+        "loss_plot": str(plot_losses(run / "loss.png", curves)),
         "device": str(accelerator.device),
     }
 

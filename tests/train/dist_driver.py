@@ -1,0 +1,72 @@
+"""Run under torchrun by test_distributed.py: train the micro U-Net on a fixed batch of the
+micro latents with a strategy, then print one ``REPORT {json}`` line per rank.
+
+usage: dist_driver.py RUN_DIR STRATEGY STEPS
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import MICRO  # noqa: E402
+
+from ldm_train.config import load_config  # noqa: E402
+from ldm_train.latents.cache import LatentData, load_latents  # noqa: E402
+from ldm_train.train.loop import train_denoiser  # noqa: E402
+from ldm_train.train.strategy import gather_chunks, make_accelerator  # noqa: E402
+from ldm_train.utils.runs import MetricsLog  # noqa: E402
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_weights(model: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    if not zero3:
+        return {k: p.detach().clone() for k, p in model.named_parameters()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def main() -> None:
+    run, strategy, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    cfg = load_config(MICRO, [f"run.dir={run}", "distributed.cpu=true", f"distributed.strategy={strategy}"])
+    data = load_latents(cfg.path(cfg.latents.dir) / "train")
+    n = 8
+    data = LatentData(data.mean[:n], data.std[:n], data.context[:n], data.captions[:n], data.keys[:n], data.null_context, data.manifest)
+    train_cfg = cfg.train.model_copy(update={"steps": steps, "log_every": 1, "checkpoint_every": 1000, "warmup_steps": 5})
+    acc = make_accelerator(cfg.distributed, train_cfg)
+    model, ema, result = train_denoiser(
+        cfg.model, cfg.diffusion, train_cfg, acc, data, run, cfg.run.seed, MetricsLog(run / "metrics.jsonl"), dist_cfg=cfg.distributed
+    )
+    zero3 = strategy == "zero3"
+    params = list(model.parameters())
+    full = sum(int(torch.Size(p.ds_shape).numel()) if zero3 else p.numel() for p in params)
+    local = sum(p.ds_tensor.numel() if zero3 else p.numel() for p in params)
+    report = {
+        "rank": acc.process_index,
+        "losses": [v for _, v in result.losses],
+        "weights_checksum": checksum(full_weights(model, zero3)),
+        "ema_checksum": checksum(ema.full_weights(0, gather_chunks(acc))),
+        "full_param_elements": full,
+        "local_param_elements": local,
+        "num_params": len(params),
+        "ema_bytes": ema.nbytes(),
+        "full_ema_bytes": 4 * full * len(ema.decays),
+    }
+    print("REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
