@@ -4,6 +4,7 @@
 #   bash launch/slurm_local.sh stop DIR    # cancels its jobs, stops only the daemons it started (by PID)
 # Needs root (slurmd runs jobs as their user) and Debian's slurmctld slurmd slurm-client munge
 # (launch/setup.sh installs them). Use it with `export SLURM_CONF=DIR/slurm.conf` (DIR/env does so).
+# It runs its own munged (key and socket in DIR), so it needs no system munge service.
 # The ports are picked free at start, so it does not clash with another Slurm on the machine.
 set -euo pipefail
 cmd="${1:-}"
@@ -49,6 +50,7 @@ SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket=$dir/munge/munge.socket
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -69,15 +71,16 @@ EOF
 }
 
 start_munge() {
-  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    return 0  # a munged is already serving this machine: use it, do not own it
-  fi
-  [ -f /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
-  install -d -o munge -g munge -m 0755 /run/munge
-  install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
-  setpriv --reuid=munge --regid=munge --init-groups munged --foreground >"$dir/log/munged.out" 2>&1 &
+  # A private munged (own key, socket, pid) so that this cluster depends on nothing else running
+  # here and stopping it cannot break another one. Root, hence --force (files are root's only).
+  mkdir -p "$dir/munge"
+  chmod 0700 "$dir/munge"
+  [ -f "$dir/munge/munge.key" ] || mungekey --create --keyfile="$dir/munge/munge.key" >/dev/null
+  munged --foreground --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
+    --pid-file="$dir/munge/munged.pid" --seed-file="$dir/munge/munged.seed" \
+    --log-file="$dir/log/munged.log" >"$dir/log/munged.out" 2>&1 &
   echo $! >"$dir/munged.pid"
-  wait_for "munged" bash -c 'munge -n | unmunge'
+  wait_for "munged" bash -c "munge -n --socket='$dir/munge/munge.socket' | unmunge --socket='$dir/munge/munge.socket'"
 }
 
 node_idle() {
@@ -89,7 +92,7 @@ start() {
     echo "slurm_local: already running in $dir" >&2
     exit 1
   fi
-  for tool in slurmctld slurmd sbatch munged; do
+  for tool in slurmctld slurmd sbatch munged mungekey; do
     command -v "$tool" >/dev/null || { echo "slurm_local: $tool not installed (apt-get install slurmctld slurmd slurm-client munge)" >&2; exit 3; }
   done
   write_conf
