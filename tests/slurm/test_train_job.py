@@ -60,3 +60,17 @@ def test_preempted_training_job_resumes_to_the_uninterrupted_weights(micro_run, 
     assert a.keys() == b.keys()
     different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_eval_stage_runs_as_a_two_rank_job(micro_run, slurm_cluster, tmp_path, capsys):
+    """``--stage eval`` on the same template: sampling split over 2 ranks, report in {run}/eval."""
+    run = tmp_path / "run"
+    shutil.copytree(micro_run.run, run, ignore=shutil.ignore_patterns("eval", "slurm", "status.json"))
+    job = submit(
+        capsys, "--stage", "eval", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true",
+        "slurm.cpu_processes_per_node=2", "--args", "--num-samples 4 --steps 2",
+    )
+    assert wait_until(lambda: ended(job), 300, "the eval job to end") == "COMPLETED", job_log(run)
+    report = read_json(run / "eval" / "report.json")
+    assert report is not None and len(list((run / "eval" / "images").glob("*.png"))) == 4
+    assert [e["event"] for e in events(run)] == ["submit", "start", "end"]
