@@ -198,6 +198,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         if accelerator.is_main_process:
             write_status(run, "failed", latest_step(ckpts), reason=f"{type(e).__name__}: {e}"[:500])
         raise
+    finally:
+        accelerator.end_training()  # destroys the process group: DeepSpeed's CPU comm aborts at exit otherwise
     if not accelerator.is_main_process:
         return {}  # one summary per run, from rank 0
     write_status(run, "finished", result.steps)

@@ -116,8 +116,10 @@ def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: N
     accumulation boundaries stay aligned) and replaced by the next batch; it counts in the guard."""
     acc, engine = parts.accelerator, parts.model
     losses, skipped_before = [], getattr(engine, "skipped_steps", 0)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
     while len(losses) < gas:
-        with acc.autocast():
+        # DeepSpeed casts the weights to bf16/fp16 but not the inputs: autocast does (Accelerate's is off here)
+        with torch.autocast(acc.device.type, dtype=precision, enabled=precision is not None):
             loss, stats = objective(engine, *next_batch(), parts.noise_gen)
         if not all_ranks_true(bool(torch.isfinite(loss.detach())), acc):
             guard.record(False, parts.counters.step)

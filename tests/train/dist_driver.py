@@ -1,5 +1,5 @@
 """Run under torchrun by test_distributed.py: train the micro U-Net on a fixed batch of the
-micro latents with a strategy, then print one ``REPORT {json}`` line per rank.
+micro latents with a strategy, then write ``RUN_DIR/report-RANK.json`` per rank.
 
 usage: dist_driver.py RUN_DIR STRATEGY STEPS
 """
@@ -65,7 +65,8 @@ def main() -> None:
         "ema_bytes": ema.nbytes(),
         "full_ema_bytes": 4 * full * len(ema.decays),
     }
-    print("REPORT " + json.dumps(report), flush=True)
+    (run / f"report-{acc.process_index}.json").write_text(json.dumps(report))  # one file per rank: no interleaving
+    acc.end_training()
 
 
 if __name__ == "__main__":

@@ -99,8 +99,8 @@ def test_two_ranks_learn_agree_and_shard(micro_run, tmp_path, strategy):
     """The driver trains on a fixed batch and reports, per rank: losses, a checksum of the full
     weights, parameter storage on the rank, and EMA bytes on the rank."""
     run = new_run(micro_run, tmp_path / "run")
-    proc = run_ok(torchrun(str(DRIVER), str(run), strategy, "30"), tmp_path)
-    reports = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    run_ok(torchrun(str(DRIVER), str(run), strategy, "30"), tmp_path)
+    reports = [json.loads((run / f"report-{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     r0, r1 = sorted(reports, key=lambda r: r["rank"])
     first, last = sum(r0["losses"][:5]) / 5, sum(r0["losses"][-5:]) / 5
