@@ -88,7 +88,7 @@ node_idle() {
 }
 
 start() {
-  if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+  if [ -f "$dir/slurmctld.pid" ] && alive "$(cat "$dir/slurmctld.pid")"; then
     echo "slurm_local: already running in $dir" >&2
     exit 1
   fi
@@ -110,13 +110,20 @@ start() {
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
+# Running and not a zombie (the daemons outlive the shell that started them, so their exit is
+# reaped by init, maybe later; kill -0 alone would wait for that).
+alive() {
+  local stat
+  stat="$(ps -o stat= -p "$1" 2>/dev/null)" && [ "${stat:0:1}" != Z ]
+}
+
 stop_pid() {
   local file="$dir/$1.pid" pid
   [ -f "$file" ] || return 0
   pid="$(cat "$file")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill "$pid"
-    if ! wait_for "$1 (pid $pid) to exit" bash -c "! kill -0 $pid"; then
+    if ! wait_for "$1 (pid $pid) to exit" bash -c "$(declare -f alive); ! alive $pid"; then
       kill -KILL "$pid" 2>/dev/null || true
     fi
   fi
@@ -129,7 +136,7 @@ no_jobs() {
 
 stop() {
   # Cancel this cluster's jobs first so that no slurmstepd or task outlives the daemons.
-  if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+  if [ -f "$dir/slurmctld.pid" ] && alive "$(cat "$dir/slurmctld.pid")"; then
     squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
     wait_for "jobs to end" no_jobs || true
   fi

@@ -23,7 +23,10 @@ def have(tool: str) -> bool:
 def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     if not have(tool):
         raise SlurmError(f"Slurm is not installed here: `{tool}` is not on PATH (run this on a cluster login node)")
-    proc = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{tool} did not answer within 120 s (is the Slurm controller up? `scontrol ping`)") from None
     if check and proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip().splitlines()
         raise SlurmError(f"{tool} failed: {message[-1] if message else f'exit code {proc.returncode}'}")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -88,8 +87,10 @@ def submit(capsys, *argv: str) -> int:
     return json.loads(out)["job_id"]
 
 
-def job_log(run: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+def job_log(run: Path, job_id: int | None = None) -> str:
+    """For assertion messages: Slurm's view of the job, the run's job records and the job log."""
+    info = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout if job_id else ""
+    records = (run / "slurm" / "jobs.jsonl").read_text() if (run / "slurm" / "jobs.jsonl").is_file() else ""
+    logs = "\n".join(p.read_text()[-4000:] for p in sorted((run / "slurm").glob("*.out")))
+    return f"{info}\n{records}\n{logs}"
 
-
-PYTHON = sys.executable

@@ -45,7 +45,7 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
     job = submit(capsys, "--config", str(cfg))
 
     # The reference runs through without a signal: finished, never requeued.
-    assert wait_until(lambda: ended(ref_job), 120, "the reference job to end") == "COMPLETED", job_log(ref_run)
+    assert wait_until(lambda: ended(ref_job), 120, "the reference job to end") == "COMPLETED", job_log(ref_run, ref_job)
     assert [e["event"] for e in events(ref_run)] == ["submit", "start", "end"]
     assert events(ref_run)[-1]["state"] == "finished"
 
@@ -55,13 +55,13 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
     assert "already has Slurm job" in capsys.readouterr().err
     signal_batch(job)
     wait_until(lambda: (read_json(run / "status.json") or {}).get("state") == "finished", 120, "the requeued job to finish")
-    assert wait_until(lambda: ended(job), 60, "the job to end") == "COMPLETED", job_log(run)
+    assert wait_until(lambda: ended(job), 60, "the job to end") == "COMPLETED", job_log(run, job)
 
     kinds = [(e["event"], e.get("restart")) for e in events(run)]
-    assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run)
+    assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run, job)
     assert job_field(job, "Restarts") == "1"
     # torchrun handled the signal (forwarded it, waited for the save) instead of dying of it
-    assert events(run)[3]["exit"] != 128 + signal.SIGUSR1 and "Received 10 death signal" in job_log(run)
+    assert events(run)[3]["exit"] != 128 + signal.SIGUSR1 and "Received 10 death signal" in job_log(run, job)
     assert (run / "checkpoints" / "step-0000006").is_dir()  # written on the signal, after step 6
     assert final_value(run) == final_value(ref_run) and final_value(run)["step"] == STEPS
 
@@ -81,10 +81,10 @@ def test_a_job_that_fails_is_not_requeued_even_when_signalled(slurm_cluster, tmp
     job = submit(capsys, "--config", str(cfg))
     wait_until(lambda: last_step(run) == 2, 120, "the run to reach step 2")
     signal_batch(job)
-    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run)
-    assert [e["event"] for e in events(run)] == ["submit", "start", "signal", "end"]
+    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run, job)
+    assert [e["event"] for e in events(run)] == ["submit", "start", "signal", "end"], job_log(run, job)
     assert events(run)[-1]["state"] == "failed"
-    assert job_field(job, "Restarts") == "0"
+    assert job_field(job, "Restarts") == "0", job_log(run, job)
 
 
 def test_a_job_whose_command_fails_is_not_requeued(slurm_cluster, tmp_path, capsys):
@@ -101,7 +101,15 @@ def test_no_requeue_beyond_max_requeues(slurm_cluster, tmp_path, capsys):
     job = submit(capsys, "--config", str(cfg))
     wait_until(lambda: last_step(run) == 2, 120, "the run to reach step 2")
     signal_batch(job)
-    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run)
+    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run, job)
     end = events(run)[-1]
     assert end["event"] == "end" and end["state"] == "preempted" and "max_requeues" in end["reason"]
     assert read_json(run / "status.json")["state"] == "preempted"  # resumable by submitting again
+
+
+def test_slurm_refusal_is_one_clear_message(slurm_cluster, tmp_path, capsys):
+    cfg, run = standin_config(tmp_path, "refused")
+    assert main(["slurm", "submit", "--config", str(cfg), "--partition", "no_such_partition"]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch failed" in err and "partition" in err.lower() and "Traceback" not in err
+    assert [e["event"] for e in events(run)] == []  # nothing recorded for a job that does not exist

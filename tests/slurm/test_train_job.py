@@ -47,12 +47,12 @@ def test_preempted_training_job_resumes_to_the_uninterrupted_weights(micro_run, 
     preempted_at = read_json(run / "status.json")["step"]
     assert 0 < preempted_at < STEPS, "the signal must land mid-run"
 
-    assert wait_until(lambda: ended(job), 300, "the requeued job to finish") == "COMPLETED", job_log(run)
-    assert wait_until(lambda: ended(ref_job), 300, "the reference job to finish") == "COMPLETED", job_log(ref_run)
+    assert wait_until(lambda: ended(job), 300, "the requeued job to finish") == "COMPLETED", job_log(run, job)
+    assert wait_until(lambda: ended(ref_job), 300, "the reference job to finish") == "COMPLETED", job_log(ref_run, ref_job)
     kinds = [(e["event"], e.get("restart")) for e in events(run)]
-    assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run)
+    assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run, job)
     assert events(run)[-1]["state"] == "finished" and job_field(job, "Restarts") == "1"
-    assert "Received 10 death signal" in job_log(run)  # torchrun forwarded USR1 and waited for the save
+    assert "Received 10 death signal" in job_log(run, job)  # torchrun forwarded USR1 and waited for the save
     assert read_json(run / "status.json")["state"] == "finished"
     assert last_step(run) == STEPS - 1
 
@@ -70,7 +70,7 @@ def test_eval_stage_runs_as_a_two_rank_job(micro_run, slurm_cluster, tmp_path, c
         capsys, "--stage", "eval", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true",
         "slurm.cpu_processes_per_node=2", "--args", "--num-samples 4 --steps 2",
     )
-    assert wait_until(lambda: ended(job), 300, "the eval job to end") == "COMPLETED", job_log(run)
+    assert wait_until(lambda: ended(job), 300, "the eval job to end") == "COMPLETED", job_log(run, job)
     report = read_json(run / "eval" / "report.json")
     assert report is not None and len(list((run / "eval" / "images").glob("*.png"))) == 4
     assert [e["event"] for e in events(run)] == ["submit", "start", "end"]
