@@ -1,7 +1,7 @@
 """Run under torchrun by test_distributed.py: train the micro U-Net on a fixed batch of the
 micro latents with a strategy, then write ``RUN_DIR/report-RANK.json`` per rank.
 
-usage: dist_driver.py RUN_DIR STRATEGY STEPS
+usage: dist_driver.py RUN_DIR STRATEGY STEPS [NAN_AT]   (NAN_AT: rank 1's loss is NaN at that step)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import MICRO  # noqa: E402
 
 from ldm_train.config import load_config  # noqa: E402
+from ldm_train.diffusion.objective import build_objective  # noqa: E402
 from ldm_train.latents.cache import LatentData, load_latents  # noqa: E402
 from ldm_train.train.loop import train_denoiser  # noqa: E402
 from ldm_train.train.strategy import gather_chunks, make_accelerator  # noqa: E402
@@ -41,14 +42,25 @@ def full_weights(model: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]
 
 def main() -> None:
     run, strategy, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    nan_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     cfg = load_config(MICRO, [f"run.dir={run}", "distributed.cpu=true", f"distributed.strategy={strategy}"])
     data = load_latents(cfg.path(cfg.latents.dir) / "train")
     n = 8
     data = LatentData(data.mean[:n], data.std[:n], data.context[:n], data.captions[:n], data.keys[:n], data.null_context, data.manifest)
     train_cfg = cfg.train.model_copy(update={"steps": steps, "log_every": 1, "checkpoint_every": 1000, "warmup_steps": 5})
     acc = make_accelerator(cfg.distributed, train_cfg)
+    objective = None
+    if nan_at is not None:
+        base, calls = build_objective(cfg.diffusion), []
+
+        def objective(*args):
+            calls.append(1)
+            loss, stats = base(*args)
+            return (loss * float("nan") if len(calls) == nan_at and acc.process_index == 1 else loss), stats
+
     model, ema, result = train_denoiser(
-        cfg.model, cfg.diffusion, train_cfg, acc, data, run, cfg.run.seed, MetricsLog(run / "metrics.jsonl"), dist_cfg=cfg.distributed
+        cfg.model, cfg.diffusion, train_cfg, acc, data, run, cfg.run.seed, MetricsLog(run / "metrics.jsonl"),
+        dist_cfg=cfg.distributed, objective=objective,
     )
     zero3 = strategy == "zero3"
     params = list(model.parameters())
@@ -56,6 +68,8 @@ def main() -> None:
     local = sum(p.ds_tensor.numel() if zero3 else p.numel() for p in params)
     report = {
         "rank": acc.process_index,
+        "nonfinite_skipped": result.nonfinite_skipped,
+        "finite": all(bool(torch.isfinite(v).all()) for v in full_weights(model, zero3).values()),
         "losses": [v for _, v in result.losses],
         "weights_checksum": checksum(full_weights(model, zero3)),
         "ema_checksum": checksum(ema.full_weights(0, gather_chunks(acc))),

@@ -118,6 +118,18 @@ def test_two_ranks_learn_agree_and_shard(micro_run, tmp_path, strategy):
         assert r0["ema_bytes"] == r0["full_ema_bytes"]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_nan_on_one_rank_skips_the_step_on_both(micro_run, tmp_path, strategy):
+    """Rank 1's loss is NaN at step 4: both ranks skip it (DDP: the all-reduced gradient is NaN;
+    DeepSpeed: the ranks agree before backward), count it, and stay finite and identical."""
+    run = new_run(micro_run, tmp_path / "run")
+    run_ok(torchrun(str(DRIVER), str(run), strategy, "8", "4"), tmp_path)
+    r0, r1 = (json.loads((run / f"report-{rank}.json").read_text()) for rank in (0, 1))
+    assert r0["nonfinite_skipped"] == r1["nonfinite_skipped"] == 1
+    assert r0["finite"] and r1["finite"]
+    assert r0["weights_checksum"] == r1["weights_checksum"]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy):
     """2N steps in one go == N steps, kill -9, resume for N more: weights, EMA and optimizer
