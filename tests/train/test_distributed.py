@@ -46,9 +46,12 @@ def train_cmd(run: Path, *overrides: str) -> list[str]:
     return torchrun("-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true", *overrides)
 
 
-def new_run(micro_run, root: Path) -> Path:
+def new_run(micro_run, root: Path, parts: tuple[str, ...] = ("latents",)) -> Path:
+    """A fresh run folder holding copies of the micro run's ``parts`` (latents; + vae, text,
+    data for evaluation)."""
     root.mkdir(parents=True)
-    shutil.copytree(micro_run.cfg.path(micro_run.cfg.latents.dir), root / "latents")
+    for part in parts:
+        shutil.copytree(micro_run.run / part, root / part)
     return root
 
 
@@ -181,3 +184,17 @@ def test_sigusr1_checkpoints_exits_and_resumes_exactly(micro_run, tmp_path):
     run_ok(train_cmd(cut, *common), tmp_path)
     assert json.loads((cut / "status.json").read_text())["state"] == "finished"
     assert_same(final_state(whole, 30), final_state(cut, 30))
+
+
+def test_zero3_with_offload_trains_and_evaluates_across_ranks(micro_run, tmp_path):
+    """ZeRO-3 with optimizer and parameter offload (DeepSpeedCPUAdam, JIT-compiled once per
+    machine) trains; the periodic evaluation samples on the gathered EMA, split over both ranks."""
+    run = new_run(micro_run, tmp_path / "run", ("latents", "vae", "text", "data"))
+    run_ok(train_cmd(run, "train.steps=2", "train.eval_every=2", "distributed.strategy=zero3",
+                     "distributed.offload_optimizer=true", "distributed.offload_params=true"), tmp_path)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    ckpt = run / "checkpoints" / "step-0000002"
+    assert (ckpt / "deepspeed").is_dir() and len(list(ckpt.glob("ema-*-of-00002.safetensors"))) == 2
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"stage": "eval"' in line]
+    assert len(evals) == 1 and evals[0]["protocol"]["processes"] == 2 and evals[0]["protocol"]["weights"] == "EMA"
+    assert (run / "samples" / "step-0000002.png").is_file()
