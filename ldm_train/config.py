@@ -233,6 +233,9 @@ class TrainConfig(Section):
     ema_warmup: bool = True
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    # memory: random batches from the split held in memory (small sets). stream: the latent
+    # shards streamed by latents.loader, each rank its share, resumable exactly (any size).
+    data_source: Literal["memory", "stream"] = "memory"
     keep_checkpoints: int = Field(3, gt=0)  # the last K; milestones are kept on top
     milestones: list[int] = []  # steps whose checkpoints are never deleted
     max_nonfinite_steps: int = Field(5, gt=0)  # K non-finite losses/gradients in a row stop the run

@@ -45,6 +45,7 @@ from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
 from .train.checkpoint import latest_checkpoint, load_weights
 from .train.control import Preempted, write_status
+from .train.batches import StreamBatches
 from .train.loop import make_accelerator, train_denoiser
 from .utils.images import plot_losses, save_grid, to_pil
 from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
@@ -91,7 +92,7 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
 # What may change when a run resumes from its checkpoints: how long and how often, not what.
 RESUMABLE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
-    "train.milestones", "train.watchdog_seconds", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
+    "train.milestones", "train.watchdog_seconds", "latents.loader", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
 )
 
 
@@ -175,8 +176,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     record_config(cfg, overwrite, RESUMABLE if resume is not None else (), write=False)  # every rank checks
     if resume is None and not overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
         raise OutputExistsError(f"{ckpts} holds files but no complete checkpoint; pass --overwrite to start over")
-    data = load_latents(cfg.path(cfg.latents.dir) / "train")
     accelerator = make_accelerator(cfg.distributed, cfg.train)
+    data, batches = training_data(cfg, accelerator)
     if accelerator.is_main_process:
         record_config(cfg, True)
         if resume is None:
@@ -184,11 +185,11 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         write_status(run, "running", int(resume.name.split("-")[1]) if resume else 0, processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     log = MetricsLog(run / "metrics.jsonl")
-    eval_fn = periodic_eval(cfg, run, data, accelerator, log) if cfg.train.eval_every > 0 else None
+    eval_fn = periodic_eval(cfg, run, accelerator, log) if cfg.train.eval_every > 0 else None
     try:
         model, ema, result = train_denoiser(
             cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn,
-            dist_cfg=cfg.distributed, resume_from=resume,
+            dist_cfg=cfg.distributed, resume_from=resume, batches=batches,
         )
     except Preempted as e:
         if accelerator.is_main_process:
@@ -221,19 +222,30 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     }
 
 
+def training_data(cfg: Config, accelerator) -> tuple:
+    """(in-memory split, None) or (None, streaming batches), by ``train.data_source``."""
+    folder = cfg.path(cfg.latents.dir) / "train"
+    if cfg.train.data_source == "memory":
+        return load_latents(folder), None
+    batches = StreamBatches(folder, cfg.latents.loader, cfg.train.batch_size, cfg.run.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    return None, batches
+
+
 def latest_step(ckpts: Path) -> int:
     latest = latest_checkpoint(ckpts)
     return int(latest.name.split("-")[1]) if latest else 0
 
 
-def periodic_eval(cfg: Config, run: Path, data, accelerator, log: MetricsLog):
+def periodic_eval(cfg: Config, run: Path, accelerator, log: MetricsLog):
     """The in-training evaluation: configured prompts, or the first validation captions; FID/KID
     against the validation images and CLIP score, where their weights are configured."""
     prompts = list(cfg.eval.prompts) or sorted(set(load_latents(cfg.path(cfg.latents.dir) / "val").captions))[:8]
     vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(accelerator.device)
     text = load_text_encoder(cfg.path(cfg.text.dir)).to(accelerator.device)
     return make_periodic_eval(
-        run, vae, text, cfg.diffusion, cfg.eval, prompts, data.manifest["latent_shape"], accelerator, log,
+        run, vae, text, cfg.diffusion, cfg.eval, prompts, read_manifest(cfg.path(cfg.latents.dir) / "train")["latent_shape"],
+        accelerator, log,
         metrics_fn=lambda images, captions: image_metrics(cfg, images, captions),
     )
 

@@ -2,10 +2,16 @@
 draws exactly the batches the uninterrupted run would have drawn."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from ..autoencoder.vae import to_latent
-from ..latents.cache import LatentData
+from ..config import LoaderConfig
+from ..data.shards import DataError
+from ..latents.cache import NULL_CONTEXT, LatentData, read_manifest
+from ..latents.loader import LatentLoader
 
 
 class MemoryBatches:
@@ -18,6 +24,9 @@ class MemoryBatches:
         self.data = data
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + rank)
+        self.manifest = data.manifest
+        self.null_context = data.null_context
+        self.context_shape = list(data.context.shape[1:])
         self.scale = data.manifest["scaling_factor"]
         self.shift = data.manifest["shift_factor"]
 
@@ -34,3 +43,40 @@ class MemoryBatches:
         if meta.get("source") != "memory":
             raise ValueError(f"checkpoint's data state is from a {meta.get('source')!r} source, not 'memory'")
         self.generator.set_state(tensors["data_generator"])
+
+
+class StreamBatches:
+    """Batches streamed from the latent shards by :class:`LatentLoader` (each rank its share,
+    shuffled with a seeded buffer, DataLoader workers reading ahead): for splits too big to hold
+    in memory. The state is the loader's (samples yielded: exact across a change of worker
+    count) and the generator of the latent draws."""
+
+    def __init__(self, folder: Path, loader_cfg: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int):
+        self.loader = LatentLoader.from_config(folder, loader_cfg, batch_size, seed, rank, world_size)
+        self.manifest = read_manifest(folder)
+        if self.manifest.get("text", "embedding") != "embedding":
+            raise DataError(f"latent cache {folder} holds caption tokens only; training needs text embeddings "
+                            "(re-encode with latents.text=embedding)")
+        self.null_context = load_file(str(folder / NULL_CONTEXT))["context"]
+        self.context_shape = list(self.manifest["context_shape"])
+        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.scale = self.manifest["scaling_factor"]
+        self.shift = self.manifest["shift_factor"]
+        self._batches = None
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batch = next(self._batches)
+        z = to_latent(batch["mean"], batch["std"], self.scale, self.shift, generator=self.generator)
+        return z.to(device), batch["context"].to(device, torch.float32)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"latent_generator": self.generator.get_state()}, {"source": "stream", "loader": self.loader.state_dict()}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("source") != "stream":
+            raise ValueError(f"checkpoint's data state is from a {meta.get('source')!r} source, not 'stream'")
+        self.loader.load_state_dict(meta["loader"])
+        self.generator.set_state(tensors["latent_generator"])
+        self._batches = None  # the next batch continues right after the checkpoint's last one

@@ -25,7 +25,7 @@ from ..diffusion.objective import build_objective
 from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog
-from .batches import MemoryBatches
+from .batches import MemoryBatches, StreamBatches
 from .control import NonFiniteGuard, Preempted, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
 from .resume import TrainParts, restore_training_state, save_training_state
@@ -140,7 +140,7 @@ def train_denoiser(
     diffusion_cfg: DiffusionConfig,
     train_cfg: TrainConfig,
     accelerator: Accelerator,
-    data: LatentData,
+    data: LatentData | None,
     run_dir: Path,
     seed: int,
     log: MetricsLog,
@@ -148,28 +148,31 @@ def train_denoiser(
     dist_cfg: DistributedConfig | None = None,
     resume_from: Path | None = None,
     objective: Callable | None = None,
+    batches: MemoryBatches | StreamBatches | None = None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent cache; returns (model, EMA, summary). Checkpoints go to
     ``run_dir/checkpoints``; ``resume_from`` continues a checkpoint exactly; ``eval_fn(step,
     ema_model)`` runs every ``train.eval_every`` steps and at the end, on every rank. Raises
     :class:`Preempted` after saving when SIGUSR1/SIGTERM arrives. ``objective`` replaces the
-    configured training objective (tests inject faults with it)."""
+    configured training objective (tests inject faults with it). ``batches`` replaces the
+    in-memory random batches of ``data`` (e.g. :class:`StreamBatches`; ``data`` may be None then)."""
     dist_cfg = dist_cfg or DistributedConfig()
-    batches = MemoryBatches(data, train_cfg.batch_size, seed, accelerator.process_index)
+    if batches is None:
+        batches = MemoryBatches(data, train_cfg.batch_size, seed, accelerator.process_index)
     parts = build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed)
     if resume_from is not None:
         restore_training_state(parts, resume_from, dist_cfg.strategy)
     device, total, gas = accelerator.device, train_cfg.steps, dist_cfg.gradient_accumulation_steps
     schedule = build_schedule(diffusion_cfg)
     loss_fn = objective or build_objective(diffusion_cfg)
-    null = data.null_context.to(device, torch.float32)
+    null = batches.null_context.to(device, torch.float32)
 
     def next_batch():
         z, context = batches.next(device)
         return z, context, null, schedule
 
     step_model = torch.compile(parts.model) if train_cfg.compile else parts.model
-    flops = 3 * forward_flops(model_cfg, data.manifest["latent_shape"], list(data.context.shape[1:]))
+    flops = 3 * forward_flops(model_cfg, batches.manifest["latent_shape"], batches.context_shape)
     peak = peak_flops(train_cfg, device)
     writers = Writers(train_cfg, run_dir, accelerator.is_main_process)
     signals, guard = SignalFlag(), NonFiniteGuard(train_cfg.max_nonfinite_steps)

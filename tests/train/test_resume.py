@@ -259,3 +259,23 @@ def test_deepspeed_json_naming_an_optimizer_is_refused(micro_run, tmp_path, caps
     assert cli_train(run, "train.steps=1", "distributed.strategy=zero2", f"distributed.deepspeed_config={bad}") == 2
     assert "remove 'optimizer'" in capsys.readouterr().err
 
+
+
+def test_streamed_batches_resume_exactly_with_another_worker_count(micro_run, tmp_path, capsys):
+    """train.data_source=stream: 8 steps of 8 over 24 samples cross epochs; cut at step 4 and
+    resumed with 2 loader workers instead of 0, the weights equal the uninterrupted run's."""
+    common = ["train.steps=8", "train.checkpoint_every=4", "train.data_source=stream", "latents.loader.shuffle_buffer=8"]
+    whole = new_run(micro_run, tmp_path / "whole")
+    assert cli_train(whole, *common, "latents.loader.num_workers=0") == 0
+    cut = new_run(micro_run, tmp_path / "cut")
+    assert cli_train(cut, *common, "latents.loader.num_workers=0") == 0
+    shutil.rmtree(cut / "checkpoints" / "step-0000008")
+    capsys.readouterr()
+    assert cli_train(cut, *common, "latents.loader.num_workers=2") == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"].endswith("step-0000004")
+    assert same(weights(whole, 8), weights(cut, 8))
+    _, meta = ck.read_rank_state(cut / "checkpoints" / "step-0000008", 0)
+    assert meta["data"]["source"] == "stream" and meta["data"]["loader"]["samples_yielded"] == 64
+    memory = new_run(micro_run, tmp_path / "memory")  # a different sample order: different weights
+    assert cli_train(memory, "train.steps=8", "train.checkpoint_every=4") == 0
+    assert not same(weights(whole, 8), weights(memory, 8))
