@@ -67,7 +67,8 @@ def last_step(run: Path) -> int | None:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return None
-    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    steps = [r["step"] for r in records if r.get("stage") == "train" and "step" in r]
     return steps[-1] if steps else None
 
 
@@ -85,6 +86,10 @@ def submit(capsys, *argv: str) -> int:
     out, err = capsys.readouterr()
     assert rc == 0, err
     return json.loads(out)["job_id"]
+
+
+def full_log(run: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
 
 
 def job_log(run: Path, job_id: int | None = None) -> str:

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import yaml
-from .slurm_helpers import HERE, ended, events, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
+from .slurm_helpers import HERE, ended, events, full_log, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
 
 from ldm_train.cli import main
 
@@ -61,7 +61,7 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
     assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run, job)
     assert job_field(job, "Restarts") == "1"
     # torchrun handled the signal (forwarded it, waited for the save) instead of dying of it
-    assert events(run)[3]["exit"] != 128 + signal.SIGUSR1 and "Received 10 death signal" in job_log(run, job)
+    assert events(run)[3]["exit"] != 128 + signal.SIGUSR1 and "Received 10 death signal" in full_log(run)
     assert (run / "checkpoints" / "step-0000006").is_dir()  # written on the signal, after step 6
     assert final_value(run) == final_value(ref_run) and final_value(run)["step"] == STEPS
 
