@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MICRO
+from conftest import MICRO, REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -198,3 +198,19 @@ def test_zero3_with_offload_trains_and_evaluates_across_ranks(micro_run, tmp_pat
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"stage": "eval"' in line]
     assert len(evals) == 1 and evals[0]["protocol"]["processes"] == 2 and evals[0]["protocol"]["weights"] == "EMA"
     assert (run / "samples" / "step-0000002.png").is_file()
+
+
+def test_accelerate_launch_with_the_shipped_multi_node_config_and_deepspeed_json(micro_run, tmp_path):
+    """`accelerate launch --config_file launch/accelerate/multi_node.yaml` (one machine, 2
+    processes) with `distributed.deepspeed_config=launch/deepspeed/zero2.json`."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    run = new_run(micro_run, tmp_path / "run")
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "accelerate" / "multi_node.yaml"),
+           "--num_machines", "1", "--num_processes", "2", "--machine_rank", "0", "--main_process_port", "0",
+           "-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}", "train.steps=3",
+           "distributed.cpu=true", "distributed.strategy=zero2",
+           f"distributed.deepspeed_config={REPO / 'launch' / 'deepspeed' / 'zero2.json'}"]
+    run_ok(cmd, tmp_path)
+    assert json.loads((run / "status.json").read_text()) | {"state": "finished", "step": 3} == json.loads((run / "status.json").read_text())
+    ckpt = run / "checkpoints" / "step-0000003"
+    assert {p.name for p in ckpt.glob("rank-*.safetensors")} == {"rank-00000.safetensors", "rank-00001.safetensors"}

@@ -24,7 +24,7 @@ from ldm_train.train.strategy import deepspeed_config
 from ldm_train.train.telemetry import forward_flops
 from ldm_train.utils.runs import MetricsLog
 
-from conftest import MICRO
+from conftest import MICRO, REPO
 
 
 def new_run(micro_run, root):
@@ -279,3 +279,12 @@ def test_streamed_batches_resume_exactly_with_another_worker_count(micro_run, tm
     memory = new_run(micro_run, tmp_path / "memory")  # a different sample order: different weights
     assert cli_train(memory, "train.steps=8", "train.checkpoint_every=4") == 0
     assert not same(weights(whole, 8), weights(memory, 8))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_shipped_deepspeed_jsons_are_valid_bases(stage):
+    path = REPO / "launch" / "deepspeed" / f"zero{stage}.json"
+    cfg = load_config(MICRO, [f"distributed.strategy=zero{stage}", f"distributed.deepspeed_config={path}"])
+    ds = deepspeed_config(cfg.distributed, cfg.train)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert json.loads(path.read_text())["zero_optimization"]["stage"] == stage  # the file says what it is for
