@@ -76,7 +76,14 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
     if path.is_file() and not overwrite:
         old = yaml.safe_load(path.read_text()) or {}
         new = cfg.model_dump()
-        diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        default = Config().model_dump()
+        missing = object()  # a key the old file lacks (written by an older version) counts as its default
+
+        def before(s, k):
+            value = old.get(s, {}).get(k, missing)
+            return default[s][k] if value is missing else value
+
+        diff = [f"{s}.{k}" for s in new for k in new[s] if before(s, k) != new[s][k]]
         # slurm.* says how a run is submitted, not what it computes: it may change between jobs
         diff = [d for d in diff if d not in may_differ and not d.startswith("slurm.")]
         if diff:

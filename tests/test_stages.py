@@ -1,3 +1,5 @@
+import pytest
+
 from ldm_train.stages import last_segment
 
 
@@ -7,3 +9,22 @@ def test_last_segment_keeps_only_the_latest_run_of_an_append_only_log():
     assert last_segment(first + second) == second
     assert last_segment(first) == first
     assert last_segment([]) == []
+
+
+def test_record_config_treats_keys_missing_from_an_older_file_as_their_defaults(tmp_path):
+    """A run started by an older version (its config.yaml lacks a newer key) may resume when the
+    key has its default; a non-default value is still a different run."""
+    import yaml
+
+    from ldm_train.config import load_config
+    from ldm_train.stages import record_config
+    from ldm_train.utils.runs import OutputExistsError
+
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    path = record_config(cfg, False)
+    old = yaml.safe_load(path.read_text())
+    del old["train"]["data_source"]
+    path.write_text(yaml.safe_dump(old))
+    record_config(cfg, False, write=False)
+    with pytest.raises(OutputExistsError, match="train.data_source"):
+        record_config(load_config(None, [f"run.dir={tmp_path}", "train.data_source=stream"]), False, write=False)
