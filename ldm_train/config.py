@@ -300,6 +300,9 @@ class EvalConfig(Section):
     guidance_sweep: list[float] = []  # evaluation during training: one grid + metrics per scale
     seed: int = 0
     samples_per_prompt: int = Field(4, gt=0)
+    # Images sampled together; halved and retried when the GPU runs out of memory (so the
+    # batch ends up sized to memory), which changes images only for the stochastic samplers.
+    batch_size: int = Field(64, gt=0)
     # Held-out captions of the emoji set's validation split (checked by the demo); empty = the
     # first validation captions.
     prompts: list[str] = [

@@ -3,6 +3,7 @@ process or split across the ranks of a launcher (each rank its share, gathered i
 from __future__ import annotations
 
 import torch
+from accelerate.utils import find_executable_batch_size
 
 from ..autoencoder.vae import decode_latents
 from ..config import EvalConfig
@@ -16,7 +17,7 @@ def generate(
     prompts: list[str],
     eval_cfg: EvalConfig,
     device,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
@@ -33,16 +34,22 @@ def generate(
     noise_all = torch.randn((len(captions), *pipe.latent_shape), generator=gen, device=device)
     mine = list(range(rank, len(captions), world_size))
     null = pipe.text([""])[0]
-    images, mine_captions = [], []
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
-        chunk = [captions[j] for j in idx]
-        step_gen = torch.Generator(device=device).manual_seed(eval_cfg.seed * 1_000_003 + idx[0] + 1)
-        z = sample_from_config(
-            pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, step_gen, progress
-        )
-        images.append(decode_latents(pipe.vae, z).cpu())
-        mine_captions += chunk
+
+    @find_executable_batch_size(starting_batch_size=batch_size or eval_cfg.batch_size)
+    def sample_all(size: int) -> tuple[list, list]:  # called again with size // 2 after a CUDA OOM
+        images, mine_captions = [], []
+        for i in range(0, len(mine), size):
+            idx = mine[i : i + size]
+            chunk = [captions[j] for j in idx]
+            step_gen = torch.Generator(device=device).manual_seed(eval_cfg.seed * 1_000_003 + idx[0] + 1)
+            z = sample_from_config(
+                pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, step_gen, progress
+            )
+            images.append(decode_latents(pipe.vae, z).cpu())
+            mine_captions += chunk
+        return images, mine_captions
+
+    images, mine_captions = sample_all() if mine else ([], [])
     if not images:
         return torch.empty(0, 3, 0, 0), []
     return torch.cat(images), mine_captions

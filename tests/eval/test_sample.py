@@ -129,3 +129,35 @@ def test_load_pipeline_bad_run_config(tmp_path):
     (tmp_path / "config.yaml").write_text("train:\n  stepz: 1\n")
     with pytest.raises(PipelineError, match="train.stepz"):
         load_pipeline(tmp_path, CPU)
+
+
+def test_sampling_batch_is_halved_after_an_out_of_memory_error(micro_run):
+    """A U-Net that 'runs out of memory' above 4 rows (cond + uncond of 2 images): generate starts
+    at eval.batch_size 8, retries at 4 and 2, and gives the images of batch 2 (DDIM is seeded per image)."""
+    import dataclasses
+
+    from ldm_train.eval.pipeline import load_pipeline
+    from ldm_train.eval.sample import generate
+
+    cpu = torch.device("cpu")
+    pipe = load_pipeline(micro_run.export, cpu)
+    seen = []
+
+    class Tight(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, context, *args, **kwargs):
+            seen.append(x.shape[0])
+            if x.shape[0] > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.unet(x, t, context, *args, **kwargs)
+
+    cfg = micro_run.cfg.eval.model_copy(update={"steps": 2, "samples_per_prompt": 3, "batch_size": 8})
+    prompts = ["red circle 0", "blue square 1"]
+    tight = dataclasses.replace(pipe, unet=Tight(pipe.unet))
+    images, captions = generate(tight, prompts, cfg, cpu)
+    assert seen[0] > 4 and max(seen[-4:]) <= 4  # failed big, finished small
+    reference, ref_captions = generate(pipe, prompts, cfg.model_copy(update={"batch_size": 2}), cpu)
+    assert captions == ref_captions and torch.equal(images, reference)
