@@ -18,9 +18,11 @@ SUDO=""
 apt_packages=()
 dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || apt_packages+=(fonts-noto-color-emoji)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
-for pkg in slurmctld slurmd slurm-client munge; do  # the tests' local Slurm (launch/slurm_local.sh)
-  dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
-done
+if [ "$mode" = test ]; then
+  for pkg in slurmctld slurmd slurm-client munge; do  # the tests' local Slurm (launch/slurm_local.sh)
+    dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
+  done
+fi
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   echo "setup: installing system packages: ${apt_packages[*]}"
   $SUDO apt-get update -q
