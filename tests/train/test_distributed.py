@@ -133,14 +133,16 @@ def test_nan_on_one_rank_skips_the_step_on_both(micro_run, tmp_path, strategy):
     assert r0["weights_checksum"] == r1["weights_checksum"]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [(s, ()) for s in STRATEGIES] + [
+    ("zero2", ("distributed.mixed_precision=bf16", "distributed.gradient_accumulation_steps=2")),
+], ids=[*STRATEGIES, "zero2-bf16-accum2"])
+def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy, extra):
     """2N steps in one go == N steps, kill -9, resume for N more: weights, EMA and optimizer
     state bit for bit. The kill lands after checkpoint N; on-disk, anything later is what a kill
     at that moment leaves, so later checkpoints are removed if the run got further."""
     n = 4
     common = [f"train.steps={2 * n}", f"train.checkpoint_every={n}", f"distributed.strategy={strategy}",
-              "train.log_every=1", "train.ema_decays=[0.9,0.99]"]
+              "train.log_every=1", "train.ema_decays=[0.9,0.99]", *extra]
     whole = new_run(micro_run, tmp_path / "whole")
     run_ok(train_cmd(whole, *common), tmp_path)
 

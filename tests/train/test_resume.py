@@ -7,6 +7,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -288,3 +290,41 @@ def test_shipped_deepspeed_jsons_are_valid_bases(stage):
     ds = deepspeed_config(cfg.distributed, cfg.train)
     assert ds["zero_optimization"]["stage"] == stage
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == stage  # the file says what it is for
+
+
+@pytest.mark.parametrize("extra", [
+    ["distributed.gradient_accumulation_steps=2"],
+    ["distributed.mixed_precision=fp16"],  # Accelerate's grad scaler state is part of the checkpoint
+    ["distributed.mixed_precision=bf16", "distributed.ema_sharded=true"],
+])
+def test_resume_is_exact_with_accumulation_and_mixed_precision(micro_run, tmp_path, capsys, extra):
+    """Each run in its own process: Accelerate's state (the precision) is fixed per process."""
+    common = ["train.steps=6", "train.checkpoint_every=3", *extra]
+
+    def train(run):
+        cmd = [sys.executable, "-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}",
+               "distributed.cpu=true", *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    whole = new_run(micro_run, tmp_path / "whole")
+    train(whole)
+    cut = new_run(micro_run, tmp_path / "cut")
+    train(cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    train(cut)
+    assert same(weights(whole, 6), weights(cut, 6))
+    assert same(weights(whole, 6, "ema-00000-of-00001"), weights(cut, 6, "ema-00000-of-00001"))
+    state = ck.read_state(cut / "checkpoints" / "step-0000006")
+    gas = 2 if "distributed.gradient_accumulation_steps=2" in extra else 1
+    assert state["samples_seen"] == 6 * micro_run.cfg.train.batch_size * gas
+    if "distributed.mixed_precision=fp16" in extra and torch.cuda.is_available():  # Accelerate scales on GPUs only
+        assert state["grad_scaler"]["scale"] > 0
+
+
+def test_milestones_survive_pruning(micro_run, micro_latents, tmp_path):
+    run = tmp_path / "run"
+    loop(micro_run, micro_latents, run, steps=7, checkpoint_every=1, keep_checkpoints=2, milestones=[2, 3])
+    assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == [
+        "step-0000002", "step-0000003", "step-0000006", "step-0000007"
+    ]
