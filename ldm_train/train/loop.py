@@ -167,8 +167,12 @@ def train_denoiser(
     loss_fn = objective or build_objective(diffusion_cfg)
     null = batches.null_context.to(device, torch.float32)
 
+    timing = {"data": 0.0, "total": 0.0, "steps": 0}  # seconds since the last log line
+
     def next_batch():
+        t = time.perf_counter()
         z, context = batches.next(device)
+        timing["data"] += time.perf_counter() - t
         return z, context, null, schedule
 
     step_model = torch.compile(parts.model) if train_cfg.compile else parts.model
@@ -180,7 +184,6 @@ def train_denoiser(
     guard.total = parts.counters.nonfinite_skipped
     extra = {"strategy": dist_cfg.strategy, "seed": seed}
     t0, losses, window, ckpt = time.time(), [], [], None
-    timing = {"data": 0.0, "compute": 0.0, "steps": 0}
     start = parts.counters.step
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process)
     try:
@@ -190,10 +193,8 @@ def train_denoiser(
             t_step = time.perf_counter()
             if is_deepspeed(accelerator):
                 step_losses, norm, finite = _deepspeed_step(parts, loss_fn, next_batch, gas, guard)
-                t_data = 0.0  # drawn inside; in-memory batches cost microseconds
             else:
                 micro = [next_batch() for _ in range(gas)]
-                t_data = time.perf_counter() - t_step
                 step_losses, norm, finite = _ddp_step(
                     parts, step_model, loss_fn, micro, train_cfg.grad_clip, dist_cfg.mixed_precision == "fp16"
                 )
@@ -204,8 +205,7 @@ def train_denoiser(
             if finite and done % train_cfg.ema_every == 0:
                 parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero_stage(dist_cfg) == 3))
             window.extend(step_losses)  # tensors: no host sync until the log step
-            timing["data"] += t_data
-            timing["compute"] += time.perf_counter() - t_step - t_data
+            timing["total"] += time.perf_counter() - t_step
             timing["steps"] += 1
             bar.update(1)
             if done % train_cfg.log_every == 0 or done == total:
@@ -234,7 +234,7 @@ def _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak)
     acc, counters = parts.accelerator, parts.counters
     value = torch.stack(window).mean().item() if window else float("nan")
     window.clear()
-    seconds = timing["data"] + timing["compute"]
+    seconds = timing["total"]
     per_rank_samples = train_cfg.batch_size * parts.accelerator.gradient_accumulation_steps * timing["steps"]
     img_s = per_rank_samples * acc.num_processes / max(seconds, 1e-9)
     record = {
@@ -244,14 +244,14 @@ def _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak)
         "img_per_s": round(img_s, 2),
         "step_time": round(seconds / max(timing["steps"], 1), 5),
         "data_time": round(timing["data"] / max(timing["steps"], 1), 5),
-        "compute_time": round(timing["compute"] / max(timing["steps"], 1), 5),
+        "compute_time": round((seconds - timing["data"]) / max(timing["steps"], 1), 5),
         "samples_seen": counters.samples_seen,
         "nonfinite_skipped": counters.nonfinite_skipped,
         **memory_gib(acc.device),
     }
     if peak is not None:  # FLOPs per sample x samples per second per device / peak per device
         record["mfu"] = round(flops * per_rank_samples / max(seconds, 1e-9) / peak, 4)
-    timing.update(data=0.0, compute=0.0, steps=0)
+    timing.update(data=0.0, total=0.0, steps=0)
     if acc.is_main_process:
         log.write(stage="train", step=counters.step - 1, **record)
         writers.scalars(counters.step, record)
