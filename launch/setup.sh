@@ -16,11 +16,12 @@ esac
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 apt_packages=()
-dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || apt_packages+=(fonts-noto-color-emoji)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }  # not just config files left
+installed fonts-noto-color-emoji || apt_packages+=(fonts-noto-color-emoji)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 if [ "$mode" = test ]; then
   for pkg in slurmctld slurmd slurm-client munge; do  # the tests' local Slurm (launch/slurm_local.sh)
-    dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
+    installed "$pkg" || apt_packages+=("$pkg")
   done
 fi
 if [ "${#apt_packages[@]}" -gt 0 ]; then
