@@ -44,7 +44,8 @@ from .model.convert import write_diffusers_unet, write_project_unet
 from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
 from .train.checkpoint import latest_checkpoint, load_weights
-from .train.control import Preempted, write_status
+from .errors import Preempted
+from .train.control import write_status
 from .train.batches import StreamBatches
 from .train.loop import make_accelerator, train_denoiser
 from .utils.images import plot_losses, save_grid, to_pil

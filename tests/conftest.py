@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def micro_config(run_dir: Path, *overrides: str):
     from ldm_train.config import load_config
 
     return load_config(MICRO, [f"run.dir={run_dir}", "distributed.cpu=true", *overrides])
+
+
+def copy_run(micro: MicroRun, root: Path, parts: tuple[str, ...] = ("latents",)) -> Path:
+    """A fresh run folder holding copies of the micro run's ``parts`` (latents for training;
+    add vae, text and data for evaluation)."""
+    root.mkdir(parents=True)
+    for part in parts:
+        shutil.copytree(micro.run / part, root / part)
+    return root
 
 
 @pytest.fixture(scope="session")

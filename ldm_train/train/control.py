@@ -4,7 +4,7 @@ and the step-time watchdog.
 **Preemption.** SIGUSR1 (Slurm's ``--signal``) and SIGTERM (preemption, ``scancel``) only set a
 flag. At the end of every step the ranks agree (one all-reduce) on whether any of them was
 signalled, so all stop after the same step, save a checkpoint and exit with
-:data:`EXIT_PREEMPTED`. A second signal during the save only bumps the count: the save is never
+``Preempted.exit_code`` (75). A second signal during the save only bumps the count: the save is never
 interrupted. ``{run}/status.json`` says ``running``, ``preempted``, ``finished`` or ``failed``
 with the step; the Slurm batch script requeues on ``preempted``.
 """
@@ -18,9 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import Preempted, UserError
+from ..errors import UserError
 
-EXIT_PREEMPTED = Preempted.exit_code
 STATUS = "status.json"
 
 
@@ -59,11 +58,6 @@ def write_status(run_dir: Path, state: str, step: int, **extra) -> None:
     tmp = run_dir / (STATUS + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(run_dir / STATUS)
-
-
-def read_status(run_dir: Path) -> dict | None:
-    path = run_dir / STATUS
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class NonFiniteGuard:

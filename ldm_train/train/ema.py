@@ -83,10 +83,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, chunks: dict[str, torch.Tensor]) -> None:
+        keys = list(self.shadows[0])
+        current = [chunks[k].float() for k in keys]  # cast once, shared by every decay
         for decay, shadow in zip(self.decays, self.shadows):
-            weight = 1.0 - self.current_decay(decay)
-            for k, v in shadow.items():
-                v.lerp_(chunks[k].float(), weight)
+            # one fused kernel over all tensors instead of a Python loop of lerps (every step)
+            torch._foreach_lerp_([shadow[k] for k in keys], current, 1.0 - self.current_decay(decay))
         self.num_updates += 1
 
     def nbytes(self) -> int:

@@ -26,7 +26,8 @@ from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog
 from .batches import MemoryBatches, StreamBatches
-from .control import NonFiniteGuard, Preempted, SignalFlag, Watchdog
+from ..errors import Preempted
+from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage

@@ -9,7 +9,6 @@ PaLM's appendix B), and attention's FLOPs are included because the counter sees 
 from __future__ import annotations
 
 import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -88,6 +87,3 @@ class Writers:
         if self.wandb is not None:
             self.wandb.finish()
 
-
-def warn(message: str) -> None:
-    print(f"[ldm_train] {message}", file=sys.stderr, flush=True)

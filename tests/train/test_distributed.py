@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MICRO, REPO
+from conftest import MICRO, REPO, copy_run
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -44,15 +44,6 @@ def torchrun(*args: str) -> list[str]:
 
 def train_cmd(run: Path, *overrides: str) -> list[str]:
     return torchrun("-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true", *overrides)
-
-
-def new_run(micro_run, root: Path, parts: tuple[str, ...] = ("latents",)) -> Path:
-    """A fresh run folder holding copies of the micro run's ``parts`` (latents; + vae, text,
-    data for evaluation)."""
-    root.mkdir(parents=True)
-    for part in parts:
-        shutil.copytree(micro_run.run / part, root / part)
-    return root
 
 
 def run_ok(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -101,7 +92,7 @@ def assert_same(a: dict, b: dict) -> None:
 def test_two_ranks_learn_agree_and_shard(micro_run, tmp_path, strategy):
     """The driver trains on a fixed batch and reports, per rank: losses, a checksum of the full
     weights, parameter storage on the rank, and EMA bytes on the rank."""
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     run_ok(torchrun(str(DRIVER), str(run), strategy, "30"), tmp_path)
     reports = [json.loads((run / f"report-{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
@@ -125,7 +116,7 @@ def test_two_ranks_learn_agree_and_shard(micro_run, tmp_path, strategy):
 def test_nan_on_one_rank_skips_the_step_on_both(micro_run, tmp_path, strategy):
     """Rank 1's loss is NaN at step 4: both ranks skip it (DDP: the all-reduced gradient is NaN;
     DeepSpeed: the ranks agree before backward), count it, and stay finite and identical."""
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     run_ok(torchrun(str(DRIVER), str(run), strategy, "8", "4"), tmp_path)
     r0, r1 = (json.loads((run / f"report-{rank}.json").read_text()) for rank in (0, 1))
     assert r0["nonfinite_skipped"] == r1["nonfinite_skipped"] == 1
@@ -143,10 +134,10 @@ def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy, extra
     n = 4
     common = [f"train.steps={2 * n}", f"train.checkpoint_every={n}", f"distributed.strategy={strategy}",
               "train.log_every=1", "train.ema_decays=[0.9,0.99]", *extra]
-    whole = new_run(micro_run, tmp_path / "whole")
+    whole = copy_run(micro_run, tmp_path / "whole")
     run_ok(train_cmd(whole, *common), tmp_path)
 
-    cut = new_run(micro_run, tmp_path / "cut")
+    cut = copy_run(micro_run, tmp_path / "cut")
     proc = subprocess.Popen(train_cmd(cut, *common), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mark = cut / "checkpoints" / f"step-{n:07d}"
     deadline = time.monotonic() + 300
@@ -167,10 +158,10 @@ def test_sigusr1_checkpoints_exits_and_resumes_exactly(micro_run, tmp_path):
     """SIGUSR1 to the launcher (forwarded to both ranks): both stop after the same step, save,
     status.json says preempted; re-running finishes equal to an uninterrupted run."""
     common = ["train.steps=30", "train.checkpoint_every=100", "train.log_every=1"]
-    whole = new_run(micro_run, tmp_path / "whole")
+    whole = copy_run(micro_run, tmp_path / "whole")
     run_ok(train_cmd(whole, *common), tmp_path)
 
-    cut = new_run(micro_run, tmp_path / "cut")
+    cut = copy_run(micro_run, tmp_path / "cut")
     proc = subprocess.Popen(train_cmd(cut, *common), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = cut / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -191,7 +182,7 @@ def test_sigusr1_checkpoints_exits_and_resumes_exactly(micro_run, tmp_path):
 def test_zero3_with_offload_trains_and_evaluates_across_ranks(micro_run, tmp_path):
     """ZeRO-3 with optimizer and parameter offload (DeepSpeedCPUAdam, JIT-compiled once per
     machine) trains; the periodic evaluation samples on the gathered EMA, split over both ranks."""
-    run = new_run(micro_run, tmp_path / "run", ("latents", "vae", "text", "data"))
+    run = copy_run(micro_run, tmp_path / "run", ("latents", "vae", "text", "data"))
     run_ok(train_cmd(run, "train.steps=2", "train.eval_every=2", "distributed.strategy=zero3",
                      "distributed.offload_optimizer=true", "distributed.offload_params=true"), tmp_path)
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
@@ -206,13 +197,14 @@ def test_accelerate_launch_with_the_shipped_multi_node_config_and_deepspeed_json
     """`accelerate launch --config_file launch/accelerate/multi_node.yaml` (one machine, 2
     processes) with `distributed.deepspeed_config=launch/deepspeed/zero2.json`."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     cmd = [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "accelerate" / "multi_node.yaml"),
            "--num_machines", "1", "--num_processes", "2", "--machine_rank", "0", "--main_process_port", "0",
            "-m", "ldm_train.cli", "train", "--config", str(MICRO), f"run.dir={run}", "train.steps=3",
            "distributed.cpu=true", "distributed.strategy=zero2",
            f"distributed.deepspeed_config={REPO / 'launch' / 'deepspeed' / 'zero2.json'}"]
     run_ok(cmd, tmp_path)
-    assert json.loads((run / "status.json").read_text()) | {"state": "finished", "step": 3} == json.loads((run / "status.json").read_text())
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", 3)
     ckpt = run / "checkpoints" / "step-0000003"
     assert {p.name for p in ckpt.glob("rank-*.safetensors")} == {"rank-00000.safetensors", "rank-00001.safetensors"}

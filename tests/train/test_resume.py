@@ -26,13 +26,7 @@ from ldm_train.train.strategy import deepspeed_config
 from ldm_train.train.telemetry import forward_flops
 from ldm_train.utils.runs import MetricsLog
 
-from conftest import MICRO, REPO
-
-
-def new_run(micro_run, root):
-    root.mkdir(parents=True)
-    shutil.copytree(micro_run.cfg.path(micro_run.cfg.latents.dir), root / "latents")
-    return root
+from conftest import MICRO, REPO, copy_run
 
 
 def cli_train(run, *overrides) -> int:
@@ -57,9 +51,9 @@ def loop(micro_run, micro_latents, run, objective=None, resume_from=None, **trai
 
 
 def test_cli_rerun_resumes_and_may_extend_steps_but_not_change_the_run(micro_run, tmp_path, capsys):
-    whole = new_run(micro_run, tmp_path / "whole")
+    whole = copy_run(micro_run, tmp_path / "whole")
     assert cli_train(whole, "train.steps=8", "train.checkpoint_every=4", "train.ema_decays=[0.9,0.99]") == 0
-    cut = new_run(micro_run, tmp_path / "cut")
+    cut = copy_run(micro_run, tmp_path / "cut")
     # the first half; the schedule's length is train.steps, so cut the run by deleting, not by steps=4
     assert cli_train(cut, "train.steps=8", "train.checkpoint_every=4", "train.ema_decays=[0.9,0.99]") == 0
     shutil.rmtree(cut / "checkpoints" / "step-0000008")
@@ -81,7 +75,7 @@ def test_cli_rerun_resumes_and_may_extend_steps_but_not_change_the_run(micro_run
 
 
 def test_resume_refuses_another_world_size(micro_run, tmp_path, capsys):
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     assert cli_train(run, "train.steps=4", "train.checkpoint_every=2") == 0
     latest = ck.latest_checkpoint(run / "checkpoints")
     shutil.rmtree(latest)  # so that the rerun resumes from step 2
@@ -248,14 +242,14 @@ def test_deepspeed_config_from_the_typed_sections(tmp_path):
     (["distributed.strategy=zero5"], "distributed.strategy"),
 ])
 def test_bad_strategy_settings_are_refused_cleanly(micro_run, tmp_path, capsys, overrides, words):
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     assert cli_train(run, "train.steps=1", *overrides) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
 
 
 def test_deepspeed_json_naming_an_optimizer_is_refused(micro_run, tmp_path, capsys):
-    run = new_run(micro_run, tmp_path / "run")
+    run = copy_run(micro_run, tmp_path / "run")
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     assert cli_train(run, "train.steps=1", "distributed.strategy=zero2", f"distributed.deepspeed_config={bad}") == 2
@@ -267,9 +261,9 @@ def test_streamed_batches_resume_exactly_with_another_worker_count(micro_run, tm
     """train.data_source=stream: 8 steps of 8 over 24 samples cross epochs; cut at step 4 and
     resumed with 2 loader workers instead of 0, the weights equal the uninterrupted run's."""
     common = ["train.steps=8", "train.checkpoint_every=4", "train.data_source=stream", "latents.loader.shuffle_buffer=8"]
-    whole = new_run(micro_run, tmp_path / "whole")
+    whole = copy_run(micro_run, tmp_path / "whole")
     assert cli_train(whole, *common, "latents.loader.num_workers=0") == 0
-    cut = new_run(micro_run, tmp_path / "cut")
+    cut = copy_run(micro_run, tmp_path / "cut")
     assert cli_train(cut, *common, "latents.loader.num_workers=0") == 0
     shutil.rmtree(cut / "checkpoints" / "step-0000008")
     capsys.readouterr()
@@ -278,7 +272,7 @@ def test_streamed_batches_resume_exactly_with_another_worker_count(micro_run, tm
     assert same(weights(whole, 8), weights(cut, 8))
     _, meta = ck.read_rank_state(cut / "checkpoints" / "step-0000008", 0)
     assert meta["data"]["source"] == "stream" and meta["data"]["loader"]["samples_yielded"] == 64
-    memory = new_run(micro_run, tmp_path / "memory")  # a different sample order: different weights
+    memory = copy_run(micro_run, tmp_path / "memory")  # a different sample order: different weights
     assert cli_train(memory, "train.steps=8", "train.checkpoint_every=4") == 0
     assert not same(weights(whole, 8), weights(memory, 8))
 
@@ -307,9 +301,9 @@ def test_resume_is_exact_with_accumulation_and_mixed_precision(micro_run, tmp_pa
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    whole = new_run(micro_run, tmp_path / "whole")
+    whole = copy_run(micro_run, tmp_path / "whole")
     train(whole)
-    cut = new_run(micro_run, tmp_path / "cut")
+    cut = copy_run(micro_run, tmp_path / "cut")
     train(cut)
     shutil.rmtree(cut / "checkpoints" / "step-0000006")
     train(cut)
