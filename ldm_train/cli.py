@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path = getattr(args, "config", None)
         cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args), *data_overrides(args)])
-        from .stages import check_config
+        from .diffusion.checks import check_config
 
         check_config(cfg, str(config_path or "<defaults>") + " + overrides")
         result = dispatch(args, cfg)

@@ -172,47 +172,86 @@ class ModelConfig(Section):
     init_from: str | None = None
 
 
-class DiffusionConfig(Section):
-    """The forward process (DDPM, Ho et al. 2020), its parameterisation and the training objective.
+class LossConfig(Section):
+    """L_simple's options (``ldm_train.diffusion.losses.simple``; formulation ``ddpm``).
 
-    ``prediction_type``: ``epsilon``, ``v_prediction`` (Salimans & Ho 2022) or ``sample`` (x0).
-    ``rescale_betas_zero_snr``: Lin et al. 2024 (needs v or x0 prediction).
-    ``loss_weighting``: ``uniform``, ``min_snr`` (Hang et al. 2023, ``min_snr_gamma``) or ``edm``
+    ``weighting``: ``uniform`` (DDPM), ``min_snr`` (Hang et al. 2023, ``min_snr_gamma``) or ``edm``
     (Karras et al. 2022, ``sigma_data``). ``offset_noise``: Guttenberg 2023. ``timestep_sampling``:
-    ``uniform`` or ``logit_normal`` (SD3). ``learned_variance``: Improved DDPM (Nichol & Dhariwal
-    2021): the U-Net outputs 2x channels and trains with L_simple + ``vlb_weight`` * L_vlb.
-    """
+    ``uniform`` or ``logit_normal`` (SD3, ``logit_mean``/``logit_std``)."""
 
-    num_train_timesteps: int = Field(1000, gt=0)
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
-    beta_start: float = Field(0.00085, gt=0)
-    beta_end: float = Field(0.012, gt=0)
-    rescale_betas_zero_snr: bool = False
-    # v (Salimans & Ho 2022) rather than eps: with eps, x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
-    # amplifies eps errors ~15x at the noisiest steps, which a small, briefly trained model shows.
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
-    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
-    loss_weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
+    weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
     min_snr_gamma: float = Field(5.0, gt=0)
     sigma_data: float = Field(0.5, gt=0)
     offset_noise: float = Field(0.0, ge=0)
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
+
+
+class IDDPMConfig(Section):
+    """Improved DDPM (Nichol & Dhariwal 2021, sec. 3.1): the U-Net also outputs the interpolation v
+    of its reverse variance (so ``model.out_channels = 2 * in_channels``) and trains with
+    L_simple + ``vlb_weight`` * L_vlb; the ``ddpm`` sampler then uses that variance."""
+
     learned_variance: bool = False
     vlb_weight: float = Field(0.001, ge=0)
-    # Score-based formulations (ldm_train.diffusion.score_based): the SDEs of Song et al. 2021
-    # (VP/sub-VP with sde_beta_min/max, VE with sigma_min/max) and NCSN (num_scales geometric
-    # sigma levels, Song & Ermon). objective: denoising (dsm) or sliced score matching (ssm, ssm_vr).
-    formulation: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn"] = "ddpm"
-    objective: Literal["dsm", "ssm", "ssm_vr"] = "dsm"
-    sde_beta_min: float = Field(0.1, gt=0)
-    sde_beta_max: float = Field(20.0, gt=0)
+
+
+class SDEConfig(Section):
+    """The SDE formulations of Song et al. 2021: ``vp_sde``/``subvp_sde`` use β(t) from
+    ``beta_min`` to ``beta_max``; ``ve_sde`` uses σ(t) from ``sigma_min`` to ``sigma_max``.
+    ``t_eps``: the smallest time trained on and integrated to."""
+
+    beta_min: float = Field(0.1, gt=0)
+    beta_max: float = Field(20.0, gt=0)
+    sigma_min: float = Field(0.01, gt=0)
+    sigma_max: float = Field(50.0, gt=0)
+    t_eps: float = Field(1e-5, gt=0, lt=1)
+
+
+class NCSNConfig(Section):
+    """NCSN (Song & Ermon 2019/2020): ``num_scales`` geometric noise levels from ``sigma_max`` down
+    to ``sigma_min``."""
+
     sigma_min: float = Field(0.01, gt=0)
     sigma_max: float = Field(50.0, gt=0)
     num_scales: int = Field(232, gt=1)
+
+
+class ScoreMatchingConfig(Section):
+    """The objective of the score-based formulations: denoising (``dsm``) or sliced score matching
+    (``ssm``, variance-reduced ``ssm_vr``; Song et al. 2019) with ``n_projections`` directions."""
+
+    objective: Literal["dsm", "ssm", "ssm_vr"] = "dsm"
     n_projections: int = Field(1, gt=0)
-    t_eps: float = Field(1e-5, gt=0, lt=1)
+
+
+class DiffusionConfig(Section):
+    """The forward process, its parameterisation and the training objective.
+
+    ``formulation``: ``ddpm`` (Ho et al. 2020: the discrete schedule below, ``loss``, ``iddpm``), an
+    SDE (``vp_sde``, ``subvp_sde``, ``ve_sde``: section ``sde``) or ``ncsn`` (section ``ncsn``); the
+    score-based ones train with ``score_matching``. Each formulation reads only its own sections;
+    ``ldm_train.diffusion.checks`` refuses combinations that do not fit together.
+    ``prediction_type``: ``epsilon``, ``v_prediction`` (Salimans & Ho 2022) or ``sample`` (x0).
+    ``rescale_betas_zero_snr``: Lin et al. 2024 (needs v or x0 prediction).
+    """
+
+    formulation: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn"] = "ddpm"
+    # v (Salimans & Ho 2022) rather than eps: with eps, x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+    # amplifies eps errors ~15x at the noisiest steps, which a small, briefly trained model shows.
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
+    num_train_timesteps: int = Field(1000, gt=0)
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0)
+    beta_end: float = Field(0.012, gt=0)
+    rescale_betas_zero_snr: bool = False
+    loss: LossConfig = LossConfig()
+    iddpm: IDDPMConfig = IDDPMConfig()
+    sde: SDEConfig = SDEConfig()
+    ncsn: NCSNConfig = NCSNConfig()
+    score_matching: ScoreMatchingConfig = ScoreMatchingConfig()
 
 
 class TrainConfig(Section):
@@ -268,26 +307,10 @@ class DistributedConfig(Section):
     cpu: bool = False  # force CPU even where a GPU is present
 
 
-class EvalConfig(Section):
-    """Sampling for grids and metrics."""
+class MetricsConfig(Section):
+    """FID/KID/CLIP score (``ldm_train.eval.metrics``; the pinned FID protocol is in its docstring).
+    Weights are local files only: without them the metric is reported as unavailable, naming the key."""
 
-    # See ldm_train.diffusion.sampling: ddim, ddpm, iddpm (learned variance), euler, heun, dpmpp_2m
-    # for diffusion.formulation=ddpm; pf_ode, pc for the SDEs; annealed_langevin for ncsn.
-    sampler: Literal[
-        "ddim", "ddpm", "iddpm", "euler", "heun", "dpmpp_2m", "pf_ode", "pc", "annealed_langevin"
-    ] = "ddim"
-    steps: int = Field(50, gt=0)
-    eta: float = Field(0.0, ge=0.0)  # DDIM only: 0 deterministic, 1 DDPM-like
-    spacing: Literal["leading", "trailing", "quadratic"] = "leading"  # DDIM/DDPM timestep respacing
-    s_churn: float = Field(0.0, ge=0.0)  # Euler/Heun stochasticity (Karras et al. 2022, Alg. 2)
-    pc_predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"
-    pc_corrector: Literal["langevin", "none"] = "langevin"
-    snr: float = Field(0.16, gt=0)  # Langevin corrector signal-to-noise ratio (Song et al. 2021)
-    n_corrector: int = Field(1, ge=0)
-    langevin_steps_per_sigma: int = Field(5, gt=0)  # annealed Langevin (Song & Ermon 2019, Alg. 1)
-    langevin_step_lr: float = Field(2e-5, gt=0)
-    # Metrics (ldm_train.eval.metrics; the pinned FID protocol is in its docstring). Weights are
-    # local files only: without them the metric is reported as unavailable, naming the key.
     inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05-6726825d.pth
     fid_feature: Literal[64, 192, 768, 2048] = 2048
     fid_resize: Literal["tf1_bilinear", "bilinear_antialias"] = "tf1_bilinear"
@@ -296,6 +319,20 @@ class EvalConfig(Section):
     kid_subsets: int = Field(100, gt=0)
     clip_model: str | None = "ViT-B-32"
     clip_weights: str | None = None  # a local open_clip checkpoint of clip_model
+
+
+class EvalConfig(Section):
+    """Sampling for grids and metrics.
+
+    ``sampler`` names an entry of ``ldm_train.diffusion.samplers.SAMPLERS`` (ddim, ddpm, euler, heun,
+    dpmpp_2m for formulation ddpm; pf_ode, pc for the SDEs; annealed_langevin for ncsn).
+    ``samplers.NAME`` holds that sampler's own settings (its keyword-only parameters, e.g.
+    ``samplers.ddim.eta``); the ones not given keep the sampler's defaults. Checked against the
+    registry when the config is validated."""
+
+    sampler: str = "ddim"
+    steps: int = Field(50, gt=0)
+    samplers: dict[str, dict[str, Any]] = {}
     guidance_scale: float = Field(3.0, ge=0.0)
     guidance_sweep: list[float] = []  # evaluation during training: one grid + metrics per scale
     seed: int = 0
@@ -315,6 +352,11 @@ class EvalConfig(Section):
         "finland",
         "santa claus medium skin tone",
     ]
+    metrics: MetricsConfig = MetricsConfig()
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """The configured settings of the chosen sampler (the others' are kept, unused)."""
+        return dict(self.samplers.get(self.sampler, {}))
 
 
 class ExportConfig(Section):
@@ -372,6 +414,91 @@ class Config(Section):
     def shards(self, template: str) -> str:
         """Like :meth:`path` for shard specs, which may be brace patterns or ``pipe:`` URLs."""
         return template.replace("{run}", self.run.dir)
+
+
+# Keys that moved into nested sections (issue 12), old -> new places. A config naming an old key is
+# refused with its new place; a run folder's config.yaml written before the move is read with
+# ``migrate=True``, which moves each old key (to every new place, where one key served several).
+MOVED: dict[str, tuple[str, ...]] = {
+    **{f"diffusion.{k}": (f"diffusion.loss.{k}",) for k in (
+        "min_snr_gamma", "sigma_data", "offset_noise", "timestep_sampling", "logit_mean", "logit_std")},
+    "diffusion.loss_weighting": ("diffusion.loss.weighting",),
+    "diffusion.learned_variance": ("diffusion.iddpm.learned_variance",),
+    "diffusion.vlb_weight": ("diffusion.iddpm.vlb_weight",),
+    "diffusion.objective": ("diffusion.score_matching.objective",),
+    "diffusion.n_projections": ("diffusion.score_matching.n_projections",),
+    "diffusion.sde_beta_min": ("diffusion.sde.beta_min",),
+    "diffusion.sde_beta_max": ("diffusion.sde.beta_max",),
+    "diffusion.sigma_min": ("diffusion.sde.sigma_min", "diffusion.ncsn.sigma_min"),
+    "diffusion.sigma_max": ("diffusion.sde.sigma_max", "diffusion.ncsn.sigma_max"),
+    "diffusion.num_scales": ("diffusion.ncsn.num_scales",),
+    "diffusion.t_eps": ("diffusion.sde.t_eps",),
+    "eval.eta": ("eval.samplers.ddim.eta",),
+    "eval.spacing": ("eval.samplers.ddim.spacing", "eval.samplers.ddpm.spacing"),
+    "eval.s_churn": ("eval.samplers.euler.s_churn", "eval.samplers.heun.s_churn"),
+    "eval.pc_predictor": ("eval.samplers.pc.predictor",),
+    "eval.pc_corrector": ("eval.samplers.pc.corrector",),
+    "eval.snr": ("eval.samplers.pc.snr",),
+    "eval.n_corrector": ("eval.samplers.pc.n_corrector",),
+    "eval.langevin_steps_per_sigma": ("eval.samplers.annealed_langevin.steps_per_sigma",),
+    "eval.langevin_step_lr": ("eval.samplers.annealed_langevin.step_lr",),
+    **{f"eval.{k}": (f"eval.metrics.{k}",) for k in (
+        "inception_weights", "fid_feature", "fid_resize", "fid_reference_dir", "kid_subset_size", "kid_subsets",
+        "clip_model", "clip_weights")},
+}
+# Old sampler settings at these values were the defaults every config.yaml spelled out; they stay
+# defaults (not copied into eval.samplers) so an old run compares equal to a new one.
+_OLD_SAMPLER_DEFAULTS = {"eval.eta": 0.0, "eval.spacing": "leading", "eval.s_churn": 0.0,
+                         "eval.pc_predictor": "reverse_diffusion", "eval.pc_corrector": "langevin",
+                         "eval.snr": 0.16, "eval.n_corrector": 1, "eval.langevin_steps_per_sigma": 5,
+                         "eval.langevin_step_lr": 2e-5}
+RENAMED_SAMPLERS = {"iddpm": "ddpm"}  # iddpm was an exact alias of ddpm
+
+
+def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
+    *parents, last = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.get(key)
+        if not isinstance(node, dict):
+            return False, None
+    return (True, node.pop(last)) if last in node else (False, None)
+
+
+def _has_dotted(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def moved_keys(tree: dict) -> dict[str, str]:
+    """{old key in ``tree``: where it is now} (empty when the tree has none)."""
+    found = {old: f"moved to {' and '.join(new)}" for old, new in MOVED.items() if _has_dotted(tree, old)}
+    sampler = tree.get("eval", {}).get("sampler") if isinstance(tree.get("eval"), dict) else None
+    if isinstance(sampler, str) and sampler in RENAMED_SAMPLERS:
+        new = RENAMED_SAMPLERS[sampler]
+        found["eval.sampler"] = f"{sampler!r} was an alias of {new!r}; use eval.sampler={new}"
+    return found
+
+
+def migrate(tree: dict) -> dict:
+    """A config tree written before the keys moved, in today's layout (a deep copy; new keys given
+    explicitly win over old ones)."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    for old, new in MOVED.items():
+        found, value = _pop_dotted(tree, old)
+        if not found or _OLD_SAMPLER_DEFAULTS.get(old, object()) == value:
+            continue
+        for dotted in new:
+            if not _has_dotted(tree, dotted):
+                _set_dotted(tree, dotted, value)
+    ev = tree.get("eval")
+    if isinstance(ev, dict) and ev.get("sampler") in RENAMED_SAMPLERS:
+        ev["sampler"] = RENAMED_SAMPLERS[ev["sampler"]]
+    return tree
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -438,10 +565,13 @@ def _origin(key: str, overridden: set[str], source: str) -> str:
     return source
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                migrate_old: bool = False) -> Config:
     """Read a YAML file (or defaults when ``path`` is None), apply dotted overrides, validate.
 
-    Raises :class:`ConfigError` naming each bad key and where it came from.
+    Raises :class:`ConfigError` naming each bad key and where it came from. A key that moved
+    (:data:`MOVED`) is refused with its new place, unless ``migrate_old`` (a run folder's own
+    ``config.yaml`` from an older version), which moves it there.
     """
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
@@ -461,6 +591,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
         from_override.add(key)
+    if migrate_old:
+        tree = migrate(tree)
+    elif moved := moved_keys(tree):
+        lines = [f"  {key}: {where}  [in {_origin(key, from_override, source)}]" for key, where in moved.items()]
+        raise ConfigError("invalid configuration (keys that have moved):\n" + "\n".join(lines))
     try:
         return Config.model_validate(_coerce_floats(tree, Config))
     except ValidationError as e:

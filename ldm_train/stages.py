@@ -24,8 +24,6 @@ from accelerate import Accelerator
 from .autoencoder.train_vae import reconstruct, train_vae
 from .autoencoder.vae import load_vae
 from .config import Config, ConfigError, dump_config
-from .diffusion.schedule import check_combination
-from .diffusion.score_based import check_formulation
 from .data.convert import convert_folder, convert_hf
 from .data.emoji import build_emoji_shards
 from .data.shards import SkipReport, check_failed_shards, load_images, write_shards
@@ -50,24 +48,6 @@ from .train.batches import StreamBatches
 from .train.loop import make_accelerator, train_denoiser
 from .utils.images import plot_losses, save_grid, to_pil
 from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
-
-
-def check_config(cfg: Config, source: str) -> None:
-    """Cross-section consistency (diffusion x model x eval), before any work starts."""
-    d = cfg.diffusion
-    try:
-        check_formulation(d, cfg.eval.sampler)
-        if d.formulation == "ddpm":
-            check_combination(
-                d.prediction_type, d.beta_schedule, d.learned_variance, cfg.model.out_channels,
-                cfg.model.in_channels, cfg.eval.sampler, rescale_zero_snr=d.rescale_betas_zero_snr,
-            )
-    except ValueError as e:
-        raise ConfigError(
-            f"inconsistent configuration [in {source}]: {e} "
-            "(keys: diffusion.prediction_type, diffusion.beta_schedule, diffusion.rescale_betas_zero_snr, "
-            "diffusion.learned_variance, diffusion.formulation, model.in_channels, model.out_channels, eval.sampler)"
-        ) from None
 
 
 def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = (), write: bool = True) -> Path:

@@ -17,7 +17,7 @@ Code name          -> paper symbol
                       (EDM sec. 2 / k-diffusion's discrete sigmas); +inf at zero terminal SNR
 ``posterior_*``    -> q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I)       (DDPM eq. 6-7)
                       μ̃_t = c_0 x_0 + c_t x_t,  β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t, ᾱ_{-1} := 1
-"sample"           -> x_0 prediction (diffusers' name), "epsilon" -> ε, "v_prediction" -> v
+(x_0, ε, v and the network's output are converted into each other in :mod:`parameterization`.)
 
 Timesteps are 0-based like diffusers: ``alphas_cumprod[0]`` is the least noisy level.
 Tables are kept in float64; each use casts the gathered coefficients to the input's dtype.
@@ -33,8 +33,6 @@ import torch
 from ldm_train.config import DiffusionConfig
 
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _cosine_alpha_bar(u: float, s: float = 0.008) -> float:
@@ -178,122 +176,18 @@ class NoiseSchedule:
         """log β_t (the upper bound of the reverse variance, Improved DDPM sec. 3.1)."""
         return self._gather(self.betas.log(), t, like)
 
-    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) in ``like``'s dtype, broadcastable to ``like``."""
         a = self.alpha_bar(t, like)
         return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x_0): sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (DDPM eq. 4, reparameterised)."""
-        sa, s1a = self._coefs(t, x0)
+        sa, s1a = self.coefs(t, x0)
         return sa * x0 + s1a * eps
-
-    def v_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022, sec. 4)."""
-        sa, s1a = self._coefs(t, x0)
-        return sa * eps - s1a * x0
-
-    def pred_to_x0_eps(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: PredictionType
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Convert a network output to (x̂_0, ε̂) at noise level t.
-
-        v and "sample" stay finite at zero SNR (ᾱ_t = 0 gives x̂_0 = -v, ε̂ = x_t); ε-prediction
-        cannot recover x_0 there (see :func:`check_prediction`)."""
-        sa, s1a = self._coefs(t, x_t)
-        if prediction_type == "sample":
-            x0 = model_output
-            eps = (x_t - sa * x0) / s1a  # DDPM eq. 4 solved for ε; 1 - ᾱ_t >= β_0 > 0
-        elif prediction_type == "epsilon":
-            eps = model_output
-            x0 = (x_t - s1a * eps) / sa  # DDIM eq. 9 (the "predicted x_0")
-        elif prediction_type == "v_prediction":
-            # Salimans & Ho sec. 4: x_0 = sqrt(ᾱ) x_t - sqrt(1-ᾱ) v ; ε = sqrt(1-ᾱ) x_t + sqrt(ᾱ) v
-            x0 = sa * x_t - s1a * model_output
-            eps = s1a * x_t + sa * model_output
-        else:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected {PREDICTION_TYPES}")
-        return x0, eps
-
-    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: PredictionType):
-        """The regression target for ``prediction_type``: ε, v, or x_0 ("sample")."""
-        if prediction_type == "epsilon":
-            return eps
-        if prediction_type == "v_prediction":
-            return self.v_target(x0, eps, t)
-        if prediction_type == "sample":
-            return x0
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected {PREDICTION_TYPES}")
-
 
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     """The schedule described by the ``diffusion`` config section."""
     rescale = cfg.rescale_betas_zero_snr
     betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, rescale)
     return NoiseSchedule.from_betas(betas)
-
-
-def check_prediction(schedule: NoiseSchedule, prediction_type: str) -> None:
-    """Raise ValueError if ``prediction_type`` is unknown or ill-posed on ``schedule``.
-
-    ε-prediction at zero terminal SNR (ᾱ_{T-1} = 0) is ill-posed: x_{T-1} = ε exactly, so the
-    network learns the identity and x̂_0 = (x_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ) divides by zero
-    (Lin et al. 2024, sec. 3.2, who switch to v-prediction)."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
-        raise ValueError("epsilon prediction is ill-posed with a zero-terminal-SNR schedule (alpha_bar_T = 0: "
-                         "x_0 cannot be recovered from eps); use prediction_type 'v_prediction' or 'sample' "
-                         "(Lin et al. 2024, sec. 3.2)")
-
-
-DISCRETE_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SDE_SCHEDULES = ("vp", "subvp", "ve")
-LEARNED_VARIANCE_SAMPLERS = ("ddpm", "iddpm")
-
-
-def check_combination(
-    prediction_type: str,
-    schedule_kind: str,
-    learned_variance: bool,
-    out_channels: int,
-    in_channels: int,
-    sampler: str,
-    *,
-    rescale_zero_snr: bool = False,
-) -> None:
-    """Reject inconsistent configuration combinations with a ValueError that names the fix.
-
-    ``schedule_kind``: a discrete β schedule (linear, scaled_linear, cosine), optionally suffixed
-    ``_zero_snr`` (same as ``rescale_zero_snr=True``), or an SDE (vp, subvp, ve; Song et al. 2021).
-    Rules: learned variance (Improved DDPM sec. 3.1) needs ``out_channels == 2 * in_channels`` and a
-    sampler that reads the variance ("ddpm" or "iddpm"); ε-prediction is ill-posed at zero terminal
-    SNR (Lin et al. 2024); the VE SDE has no ᾱ, so v-prediction is undefined there."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-    base = schedule_kind[: -len("_zero_snr")] if schedule_kind.endswith("_zero_snr") else schedule_kind
-    zero_snr = rescale_zero_snr or base != schedule_kind
-    if base not in DISCRETE_SCHEDULES + SDE_SCHEDULES:
-        raise ValueError(f"unknown schedule kind {schedule_kind!r}; expected one of "
-                         f"{DISCRETE_SCHEDULES + SDE_SCHEDULES} (discrete ones may end in '_zero_snr')")
-    if zero_snr and base not in DISCRETE_SCHEDULES:
-        raise ValueError(f"zero-terminal-SNR rescaling applies to discrete beta schedules, not the {base!r} SDE")
-    if learned_variance:
-        if out_channels != 2 * in_channels:
-            raise ValueError(f"learned variance needs out_channels == 2 * in_channels ({2 * in_channels}: mean "
-                             f"and variance interpolation v), got out_channels={out_channels}")
-        if sampler not in LEARNED_VARIANCE_SAMPLERS:
-            raise ValueError(f"learned variance is only used by samplers {LEARNED_VARIANCE_SAMPLERS}; sampler "
-                             f"{sampler!r} would ignore it — pick one of those or disable learned_variance")
-        if base not in DISCRETE_SCHEDULES:
-            raise ValueError(f"learned variance interpolates beta_t and beta-tilde_t of a discrete schedule, "
-                             f"not the {base!r} SDE")
-    elif out_channels != in_channels:
-        raise ValueError(f"out_channels ({out_channels}) must equal in_channels ({in_channels}) "
-                         "without learned variance")
-    if prediction_type == "epsilon" and zero_snr:
-        raise ValueError("epsilon prediction is ill-posed with a zero-terminal-SNR schedule; use "
-                         "'v_prediction' or 'sample' (Lin et al. 2024, sec. 3.2)")
-    if prediction_type == "v_prediction" and base == "ve":
-        raise ValueError("v prediction is not defined for the VE SDE (no alpha_bar; x_t = x_0 + sigma eps); "
-                         "use 'epsilon' or 'sample'")

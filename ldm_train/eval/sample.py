@@ -7,7 +7,7 @@ from accelerate.utils import find_executable_batch_size
 
 from ..autoencoder.vae import decode_latents
 from ..config import EvalConfig
-from ..diffusion.sampling import sample_from_config
+from ..diffusion import sample_from_config
 from .pipeline import Pipeline
 
 
@@ -42,9 +42,8 @@ def generate(
             idx = mine[i : i + size]
             chunk = [captions[j] for j in idx]
             step_gen = torch.Generator(device=device).manual_seed(eval_cfg.seed * 1_000_003 + idx[0] + 1)
-            z = sample_from_config(
-                pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.schedule, eval_cfg, pipe.diffusion, step_gen, progress
-            )
+            z = sample_from_config(pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.diffusion, eval_cfg,
+                                   generator=step_gen, progress=progress)
             images.append(decode_latents(pipe.vae, z).cpu())
             mine_captions += chunk
         return images, mine_captions

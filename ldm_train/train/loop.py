@@ -20,8 +20,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
-from ..diffusion import build_schedule
-from ..diffusion.objective import build_objective
+from ..diffusion import build_objective, build_schedule
 from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
 from ..utils.runs import MetricsLog

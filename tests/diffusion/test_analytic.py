@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ldm_train.diffusion import NoiseSchedule, make_betas
-from ldm_train.diffusion.analytic import GaussianMixture, as_discrete_model, as_vp_score, sliced_wasserstein
-from ldm_train.diffusion.sde import VESDE, SubVPSDE, VPSDE
+from ldm_train.diffusion.sdes import VESDE, SubVPSDE, VPSDE
+
+from analytic import GaussianMixture, as_discrete_model, as_vp_score, sliced_wasserstein
 
 F64 = torch.float64
 

@@ -6,8 +6,9 @@ import torch
 
 from ldm_train.config import DiffusionConfig
 from ldm_train.diffusion import build_schedule
-from ldm_train.diffusion.ddpm import ddpm_sample, ddpm_timesteps
-from ldm_train.diffusion.denoisers import cfg_model
+from ldm_train.diffusion.guidance import guided as cfg_model
+from ldm_train.diffusion.samplers.discrete import ddpm_grid
+from sampling_helpers import run as run_sampler
 
 CFG = DiffusionConfig(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-3, beta_end=0.05)
 B, C, L, D = 2, 3, 2, 4
@@ -42,7 +43,7 @@ def test_determinism_with_seeds(schedule, variance):
     noise, ctx, null = _inputs()
 
     def run(seed):
-        return ddpm_sample(_model(), noise, ctx, null, schedule, 10, guidance_scale=2.0, variance=variance,
+        return run_sampler("ddpm", _model(), noise, ctx, null, schedule, 10, guidance_scale=2.0, variance=variance,
                            generator=torch.Generator().manual_seed(seed))
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -55,9 +56,9 @@ def test_respaced_with_all_steps_equals_unrespaced_alg2(schedule):
     model = _model()
     noise, ctx, null = _inputs(1)
     T = CFG.num_train_timesteps
-    a = ddpm_sample(model, noise, ctx, null, schedule, T, generator=torch.Generator().manual_seed(0))
-    b = ddpm_sample(model, noise, ctx, null, schedule, None, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ddpm_timesteps(T, T), ddpm_timesteps(T, None))
+    a = run_sampler("ddpm", model, noise, ctx, null, schedule, T, generator=torch.Generator().manual_seed(0))
+    b = run_sampler("ddpm", model, noise, ctx, null, schedule, None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ddpm_grid(schedule, T), ddpm_grid(schedule, None))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     betas, ab = schedule.betas.tolist(), schedule.alphas_cumprod.tolist()
@@ -79,12 +80,12 @@ def test_respaced_with_all_steps_equals_unrespaced_alg2(schedule):
 def test_learned_variance_endpoints(schedule, steps, v, fixed):
     """v = -1 gives β̃ (fixed_small) and v = +1 gives β (fixed_large) of the respaced chain."""
     noise, ctx, null = _inputs(2)
-    learned = ddpm_sample(_model(2 * C, v_value=v), noise, ctx, null, schedule, steps, variance="learned_range",
+    learned = run_sampler("ddpm", _model(2 * C, v_value=v), noise, ctx, null, schedule, steps, variance="learned_range",
                           generator=torch.Generator().manual_seed(4))
-    ref = ddpm_sample(_model(C), noise, ctx, null, schedule, steps, variance=fixed,
+    ref = run_sampler("ddpm", _model(C), noise, ctx, null, schedule, steps, variance=fixed,
                       generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(learned, ref, rtol=1e-5, atol=1e-5)
-    other = ddpm_sample(_model(C), noise, ctx, null, schedule, steps,
+    other = run_sampler("ddpm", _model(C), noise, ctx, null, schedule, steps,
                         variance="fixed_large" if fixed == "fixed_small" else "fixed_small",
                         generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(learned, other, atol=1e-3)
@@ -93,9 +94,9 @@ def test_learned_variance_endpoints(schedule, steps, v, fixed):
 def test_learned_range_needs_doubled_channels(schedule):
     noise, ctx, null = _inputs()
     with pytest.raises(ValueError, match="output channels"):
-        ddpm_sample(_model(C), noise, ctx, null, schedule, 3, variance="learned_range")
+        run_sampler("ddpm", _model(C), noise, ctx, null, schedule, 3, variance="learned_range")
     with pytest.raises(ValueError, match="variance"):
-        ddpm_sample(_model(C), noise, ctx, null, schedule, 3, variance="bogus")
+        run_sampler("ddpm", _model(C), noise, ctx, null, schedule, 3, variance="bogus")
 
 
 def _const_model(calls, out_channels=C):
@@ -134,7 +135,7 @@ def test_guidance_combination(scale, learned):
 def test_guidance_needs_null_context(schedule):
     noise, ctx, _ = _inputs()
     with pytest.raises(ValueError, match="null_context"):
-        ddpm_sample(_model(), noise, ctx, None, schedule, 2, guidance_scale=2.0)
+        run_sampler("ddpm", _model(), noise, ctx, None, schedule, 2, guidance_scale=2.0)
 
 
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
@@ -149,7 +150,7 @@ def test_oracle_recovers_single_point(schedule, ptype):
         return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0_star, "sample": x0_star}[ptype]
 
     noise, ctx, null = _inputs(3)
-    out = ddpm_sample(oracle, noise, ctx, null, schedule, 10, prediction_type=ptype,
+    out = run_sampler("ddpm", oracle, noise, ctx, null, schedule, 10, prediction_type=ptype,
                       generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x0_star, atol=1e-4, rtol=0)
 
@@ -157,7 +158,7 @@ def test_oracle_recovers_single_point(schedule, ptype):
 def test_progress_and_callback(schedule):
     noise, ctx, null = _inputs()
     seen = []
-    out = ddpm_sample(_model(), noise, ctx, null, schedule, 5, progress=True, callback=lambda i, x: seen.append(i))
+    out = run_sampler("ddpm", _model(), noise, ctx, null, schedule, 5, progress=True, callback=lambda i, x: seen.append(i))
     assert seen == list(range(5)) and torch.isfinite(out).all()
 
 
@@ -169,7 +170,7 @@ def test_epsilon_at_zero_terminal_snr_is_rejected():
     schedule = NoiseSchedule.from_betas(betas)
     noise, ctx, null = _inputs()
     with pytest.raises(ValueError, match="zero terminal SNR"):
-        ddpm_sample(_model(), noise, ctx, null, schedule)
-    out = ddpm_sample(_model(), noise, ctx, null, schedule, prediction_type="v_prediction",
+        run_sampler("ddpm", _model(), noise, ctx, null, schedule)
+    out = run_sampler("ddpm", _model(), noise, ctx, null, schedule, prediction_type="v_prediction",
                       generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()

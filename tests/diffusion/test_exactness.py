@@ -19,11 +19,15 @@ import math
 import pytest
 import torch
 
-from ldm_train.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps, make_betas
-from ldm_train.diffusion.analytic import GaussianMixture, as_discrete_model, as_vp_score, sliced_wasserstein
-from ldm_train.diffusion.langevin import annealed_langevin_sample
-from ldm_train.diffusion.score_losses import geometric_sigmas
-from ldm_train.diffusion.sde import VESDE, SubVPSDE, VPSDE, pc_sample, probability_flow_sample
+from ldm_train.diffusion import NoiseSchedule, make_betas, sample
+from ldm_train.diffusion.guidance import guided
+from ldm_train.diffusion.parameterization import SDEScore, predict
+from ldm_train.diffusion.samplers.discrete import ddim_timesteps
+from ldm_train.diffusion.samplers.langevin import sample_annealed_langevin
+from ldm_train.diffusion.samplers.sde import sample_pc, sample_pf_ode, sde_grid
+from ldm_train.diffusion.sdes import VESDE, SubVPSDE, VPSDE, geometric_sigmas
+
+from analytic import GaussianMixture, as_discrete_model, as_vp_score, sliced_wasserstein
 
 N = 4000
 Z = 4.0
@@ -103,7 +107,8 @@ def sw(a, b) -> float:
 def ddim(x_T, steps, eta=0.0, spacing="leading", seed=3):
     model = as_discrete_model(GMM, SCHEDULE, "epsilon")
     ctx = torch.zeros(x_T.shape[0], 1, 1, dtype=F64)
-    return ddim_sample(model, x_T, ctx, None, SCHEDULE, steps, eta=eta, generator=gen(seed), spacing=spacing)
+    return sample("ddim", guided(model, ctx, None, 1.0), x_T, SCHEDULE, steps, eta=eta, generator=gen(seed),
+                  spacing=spacing)
 
 
 def noise(n=N, seed=1):
@@ -147,7 +152,7 @@ def test_discrete_model_parameterisations_agree(prediction_type):
     eps = as_discrete_model(GMM, SCHEDULE, "epsilon")(xt, t, None)
     out = as_discrete_model(GMM, SCHEDULE, prediction_type)(xt, t, None)
     if prediction_type == "v_prediction":
-        _, eps2 = SCHEDULE.pred_to_x0_eps(out, xt, t, "v_prediction")
+        _, eps2 = predict(SCHEDULE, out, xt, t, "v_prediction")
     else:
         a = SCHEDULE.alpha_bar(t, xt)
         eps2 = (xt - a.sqrt() * out) / (1 - a).sqrt()
@@ -165,7 +170,7 @@ def test_ddim_eta0_beats_eta1_at_few_steps():
 
 
 def ddim_invert(x0: torch.Tensor, steps: int, spacing: str = "trailing") -> torch.Tensor:
-    """Run DDIM eq. 12 (η = 0) backwards: from ᾱ = 1 up the same timesteps ddim_sample descends,
+    """Run DDIM eq. 12 (η = 0) backwards: from ᾱ = 1 up the same timesteps sample_ddim descends,
     with ε̂ evaluated at the current (less noisy) x and the target timestep (as diffusers'
     DDIMInverseScheduler)."""
     model = as_discrete_model(GMM, SCHEDULE, "epsilon")
@@ -212,7 +217,7 @@ SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
 def test_probability_flow_reproduces_mixture(name, fresh, sw_floor, capsys):
     sde = SDES[name]
     x_T = sde.prior_sample((N, 2), gen(20), dtype=F64)
-    x = probability_flow_sample(as_vp_score(GMM, sde), sde, x_T, 50, "heun")
+    x = sample_pf_ode(SDEScore(as_vp_score(GMM, sde), sde), x_T, sde_grid(sde, 50), method="heun", final_denoise=False)
     assert_matches_mixture(x, fresh)
     check_sw(f"PF-ODE {name} Heun 50 steps", x, fresh, sw_floor, capsys)
 
@@ -220,13 +225,14 @@ def test_probability_flow_reproduces_mixture(name, fresh, sw_floor, capsys):
 def test_probability_flow_orders():
     """Euler is first order, Heun second, against the same ODE solved with 1000 Heun steps."""
     sde = VPSDE()
-    score = as_vp_score(GMM, sde)
+    score = SDEScore(as_vp_score(GMM, sde), sde)
     x_T = sde.prior_sample((500, 2), gen(21), dtype=F64)
-    ref = probability_flow_sample(score, sde, x_T, 1000, "heun")
+    ref = sample_pf_ode(score, x_T, sde_grid(sde, 1000), method="heun", final_denoise=False)
     err = {}
     for method, (n1, n2) in {"euler": (50, 100), "heun": (25, 50)}.items():
         for s in (n1, n2):
-            err[method, s] = float((probability_flow_sample(score, sde, x_T, s, method) - ref).norm(dim=1).mean())
+            x = sample_pf_ode(score, x_T, sde_grid(sde, s), method=method, final_denoise=False)
+            err[method, s] = float((x - ref).norm(dim=1).mean())
     p_euler = slope(err["euler", 50], err["euler", 100], 50, 100)
     p_heun = slope(err["heun", 25], err["heun", 50], 25, 50)
     assert 0.7 <= p_euler <= 1.5, (err, p_euler)
@@ -239,7 +245,8 @@ def test_probability_flow_orders():
 def test_pc_reproduces_mixture(name, predictor, fresh, sw_floor, capsys):
     sde = SDES[name]
     x_T = sde.prior_sample((N, 2), gen(30), dtype=F64)
-    x = pc_sample(as_vp_score(GMM, sde), sde, x_T, 100, predictor, "langevin", snr=0.16, generator=gen(31))
+    x = sample_pc(SDEScore(as_vp_score(GMM, sde), sde), x_T, sde_grid(sde, 100), generator=gen(31),
+                  predictor=predictor, corrector="langevin", snr=0.16)
     assert_matches_mixture(x, fresh)
     check_sw(f"PC {name} {predictor}+Langevin 100 steps", x, fresh, sw_floor, capsys)
 
@@ -252,18 +259,16 @@ def test_annealed_langevin_reproduces_mixture(fresh, sw_floor, capsys):
     ~+13 % here; the bias Song & Ermon 2020, Technique 4, tune ε and T against)."""
     sigmas = geometric_sigmas(0.01, 10.0, 30, dtype=F64)
     x0 = 10.0 * torch.randn(N, 2, generator=gen(40), dtype=F64)
-    x = annealed_langevin_sample(GMM.score, sigmas, x0, 20, 2e-5, gen(41))
+    x = sample_annealed_langevin(GMM.score, x0, sigmas, generator=gen(41), steps_per_sigma=20, step_lr=2e-5)
     assert_matches_mixture(x, fresh, check_covs=False)
     check_sw("annealed Langevin 30x20", x, fresh, sw_floor, capsys)
 
 
-# -- DDPM and the EDM-grid samplers of ddpm.py / karras.py ------------------------------------
+# -- DDPM and the EDM-grid samplers of samplers/discrete.py / samplers/karras.py --------------
 def test_ddpm_reproduces_mixture(fresh, sw_floor, capsys):
-    from ldm_train.diffusion.ddpm import ddpm_sample
-
     model = as_discrete_model(GMM, SCHEDULE, "epsilon")
-    x = ddpm_sample(model, noise(N, 50), torch.zeros(N, 1, 1, dtype=F64), None, SCHEDULE, steps=None,
-                    generator=gen(51))
+    x = sample("ddpm", guided(model, torch.zeros(N, 1, 1, dtype=F64), None, 1.0), noise(N, 50), SCHEDULE, None,
+               generator=gen(51))
     assert_matches_mixture(x, fresh)
     check_sw("DDPM 1000 steps", x, fresh, sw_floor, capsys)
 
@@ -272,13 +277,13 @@ KARRAS = ("euler", "heun", "dpmpp_2m")
 
 
 def _karras(name):
-    from ldm_train.diffusion import karras
+    from ldm_train.diffusion.samplers import karras
 
     return {"euler": karras.sample_euler, "heun": karras.sample_heun, "dpmpp_2m": karras.sample_dpmpp_2m}[name]
 
 
 def _karras_grid(n):
-    from ldm_train.diffusion.karras import karras_sigmas
+    from ldm_train.diffusion.samplers.karras import karras_sigmas
 
     return karras_sigmas(n, 0.002, 80.0)  # EDM's σ_min, σ_max, ρ = 7
 

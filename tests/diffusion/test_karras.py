@@ -11,8 +11,10 @@ import torch
 
 from ldm_train.config import DiffusionConfig
 from ldm_train.diffusion import build_schedule
-from ldm_train.diffusion.denoisers import discrete_sigmas, sigma_to_t, x0_denoiser
-from ldm_train.diffusion.karras import karras_sample, karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun
+from ldm_train.diffusion.parameterization import discrete_sigmas, sigma_to_t
+from ldm_train.diffusion.parameterization import sigma_denoiser as x0_denoiser
+from ldm_train.diffusion.samplers.karras import karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun
+from sampling_helpers import run as run_sampler
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
 S = 0.5
@@ -113,12 +115,12 @@ def test_churn_determinism(sampler):
     sigmas = karras_sigmas(6, SIGMA_MIN, SIGMA_MAX)
 
     def run(seed, churn):
-        return sampler(D_exact_f32, x_T.clone(), sigmas, torch.Generator().manual_seed(seed), s_churn=churn)
+        return sampler(D_exact_f32, x_T.clone(), sigmas, generator=torch.Generator().manual_seed(seed), s_churn=churn)
     a, b, c = run(1, 10.0), run(1, 10.0), run(2, 10.0)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(run(1, 0.0), run(2, 0.0))  # no churn: the generator is unused
     # churn limited to [s_tmin, s_tmax]: an empty window is the deterministic sampler
-    empty = sampler(D_exact_f32, x_T.clone(), sigmas, torch.Generator().manual_seed(1), s_churn=10.0,
+    empty = sampler(D_exact_f32, x_T.clone(), sigmas, generator=torch.Generator().manual_seed(1), s_churn=10.0,
                     s_tmin=1e3, s_tmax=1e4)
     assert torch.equal(empty, run(1, 0.0))
 
@@ -158,8 +160,8 @@ def test_network_wrapper_recovers_single_point(sampler, ptype):
 
     noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(2, 3, 4)
-    out = karras_sample(oracle, noise, ctx, torch.zeros(3, 4), schedule, 8, sampler, guidance_scale=3.0,
-                        prediction_type=ptype)
+    out = run_sampler(sampler, oracle, noise, ctx, torch.zeros(3, 4), schedule, 8, guidance_scale=3.0,
+                      prediction_type=ptype)
     torch.testing.assert_close(out, x0_star, atol=1e-4, rtol=0)
 
 
@@ -170,4 +172,4 @@ def test_x0_denoiser_sample_prediction_and_errors():
     with pytest.raises(ValueError):
         x0_denoiser(lambda x_t, t: x_t, schedule, "bogus")
     with pytest.raises(ValueError):
-        karras_sample(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1), None, schedule, 2, "bogus")
+        run_sampler("bogus", lambda x, t, c: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1), None, schedule, 2)

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from ldm_train.config import DiffusionConfig
-from ldm_train.diffusion import build_schedule, diffusion_loss
+from ldm_train.diffusion import build_schedule
+from ldm_train.diffusion.losses.simple import diffusion_loss
+from ldm_train.diffusion.parameterization import target
 
 B, L, D = 8, 3, 4
 
@@ -22,7 +24,7 @@ def _oracle(schedule, x0, prediction_type):
     def denoiser(x_t, t, context):
         a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).float()
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-        return eps if prediction_type == "epsilon" else schedule.v_target(x0, eps, t)
+        return eps if prediction_type == "epsilon" else target(schedule, x0, eps, t, "v_prediction")
     return denoiser
 
 
@@ -94,18 +96,18 @@ import math  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from ldm_train.diffusion.losses import loss_weight, sample_timesteps  # noqa: E402
+from ldm_train.diffusion.losses.simple import loss_weight, sample_timesteps  # noqa: E402
 
 
 def _old_loss(denoiser, x0, ctx, null, schedule, ptype, p, seed):
     """The loss as written before the keyword options (reference for bit-identity)."""
-    from ldm_train.diffusion import drop_context
+    from ldm_train.diffusion.guidance import drop_context
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     drop = torch.rand(x0.shape[0], generator=g) < p
     out = denoiser(schedule.add_noise(x0, eps, t), t, drop_context(ctx, null, drop))
-    return F.mse_loss(out.float(), schedule.target(x0, eps, t, ptype).float())
+    return F.mse_loss(out.float(), target(schedule, x0, eps, t, ptype).float())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

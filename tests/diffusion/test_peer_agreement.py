@@ -20,9 +20,12 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from ldm_train.config import DiffusionConfig
 from ldm_train.diffusion import build_schedule
-from ldm_train.diffusion.ddpm import ddpm_sample, ddpm_step, x0_from_output
-from ldm_train.diffusion.denoisers import cfg_model, discrete_sigmas, x0_denoiser
-from ldm_train.diffusion.karras import karras_sigmas, sample_dpmpp_2m, sample_euler
+from ldm_train.diffusion.guidance import guided as cfg_model
+from ldm_train.diffusion.parameterization import discrete_sigmas, to_x0_eps
+from ldm_train.diffusion.parameterization import sigma_denoiser as x0_denoiser
+from ldm_train.diffusion.samplers.discrete import ddpm_step
+from ldm_train.diffusion.samplers.karras import karras_sigmas, sample_dpmpp_2m, sample_euler
+from sampling_helpers import run as run_sampler
 from ldm_train.diffusion.schedule import NoiseSchedule
 
 CFG = DiffusionConfig()  # scaled_linear 0.00085..0.012, T = 1000
@@ -124,7 +127,7 @@ def test_ddpm_matches_diffusers(ptype, variance, steps, zero_snr):
     def spy(x, t, c):
         seen.append(t.clone())
         return model(x, t, c)
-    ddpm_sample(spy, noise, ctx, None, schedule, steps, prediction_type=ptype, variance=variance,
+    run_sampler("ddpm", spy, noise, ctx, None, schedule, steps, prediction_type=ptype, variance=variance,
                 generator=torch.Generator().manual_seed(7), callback=lambda i, x: ours.append(x.clone()))
 
     ref, x, g = [], noise, torch.Generator().manual_seed(7)
@@ -154,7 +157,7 @@ def test_ddpm_single_steps_match_diffusers(ptype):
             ref = hf.step(out, t, x, generator=g_hf).prev_sample
             ab, ab_prev = table[int(t)], table[int(t) - 1] if t > 0 else 1.0
             z = torch.randn(x.shape, generator=g_ours) if t > 0 else None
-            ours = ddpm_step(x, x0_from_output(out, x, ab, ptype), ab, ab_prev, "fixed_small", None, z)
+            ours = ddpm_step(x, to_x0_eps(out, x, math.sqrt(ab), math.sqrt(1 - ab), ptype)[0], ab, ab_prev, "fixed_small", None, z)
             assert _rel(ours, ref) < 1e-5, f"t={int(t)}: {_rel(ours, ref):.2e}"
             x = ref
 

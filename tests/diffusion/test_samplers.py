@@ -3,7 +3,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from ldm_train.config import DiffusionConfig
-from ldm_train.diffusion import build_schedule, ddim_sample, ddim_timesteps, guided_eps
+from ldm_train.diffusion import build_schedule
+from ldm_train.diffusion.guidance import guided
+from ldm_train.diffusion.parameterization import predict
+from ldm_train.diffusion.samplers.discrete import ddim_timesteps
+from sampling_helpers import run as run_sampler
 
 CFG = DiffusionConfig()  # scaled_linear 0.00085..0.012, T=1000 (Stable Diffusion)
 B, L, D = 2, 3, 4
@@ -70,7 +74,7 @@ def _hf_loop(hf, denoiser, noise, ctx, steps, eta=0.0, generator=None):
 def test_ddim_matches_diffusers_loop(schedule, spacing, alpha_one, ptype, steps):
     den = _conv_denoiser()
     noise, ctx, null = _inputs()
-    ours = ddim_sample(den, noise, ctx, null, schedule, steps, prediction_type=ptype, spacing=spacing,
+    ours = run_sampler("ddim", den, noise, ctx, null, schedule, steps, prediction_type=ptype, spacing=spacing,
                        set_alpha_to_one=alpha_one)
     ref = _hf_loop(_hf(spacing, alpha_one, ptype), den, noise, ctx, steps)
     assert ours.shape == noise.shape and ours.dtype == noise.dtype
@@ -80,7 +84,7 @@ def test_ddim_matches_diffusers_loop(schedule, spacing, alpha_one, ptype, steps)
 def test_ddim_eta1_matches_diffusers_with_same_generator(schedule):
     den = _conv_denoiser()
     noise, ctx, null = _inputs()
-    ours = ddim_sample(den, noise, ctx, null, schedule, 10, eta=1.0, generator=torch.Generator().manual_seed(5))
+    ours = run_sampler("ddim", den, noise, ctx, null, schedule, 10, eta=1.0, generator=torch.Generator().manual_seed(5))
     ref = _hf_loop(_hf(), den, noise, ctx, 10, eta=1.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -91,7 +95,7 @@ def test_determinism(schedule, eta):
     noise, ctx, null = _inputs()
 
     def run(seed):
-        return ddim_sample(den, noise, ctx, null, schedule, 8, eta=eta, guidance_scale=2.0,
+        return run_sampler("ddim", den, noise, ctx, null, schedule, 8, eta=eta, guidance_scale=2.0,
                            generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(1), run(1), run(2)
@@ -108,7 +112,7 @@ def test_oracle_recovers_single_point_exactly(schedule):
         return (x_t - a.sqrt() * x0_star) / (1 - a).sqrt()
 
     noise, ctx, null = _inputs(3)
-    out = ddim_sample(oracle, noise, ctx, null, schedule, 10)
+    out = run_sampler("ddim", oracle, noise, ctx, null, schedule, 10)
     torch.testing.assert_close(out, x0_star, atol=1e-4, rtol=0)
 
 
@@ -127,9 +131,9 @@ def test_guidance_combination(schedule, scale, ptype):
     x = torch.randn(B, 4, 8, 8)
     t = torch.full((B,), 500)
     ctx, null = torch.full((B, L, D), 3.0), torch.ones(1, L, D)
-    eps = guided_eps(_const_denoiser(calls), x, t, ctx, null, schedule, scale, ptype)
-    _, eps_u = schedule.pred_to_x0_eps(torch.ones_like(x), x, t, ptype)
-    _, eps_c = schedule.pred_to_x0_eps(torch.full_like(x, 3.0), x, t, ptype)
+    _, eps = predict(schedule, guided(_const_denoiser(calls), ctx, null, scale)(x, t), x, t, ptype)
+    _, eps_u = predict(schedule, torch.ones_like(x), x, t, ptype)
+    _, eps_c = predict(schedule, torch.full_like(x, 3.0), x, t, ptype)
     torch.testing.assert_close(eps, eps_u + scale * (eps_c - eps_u))
     assert len(calls) == 1
     n, c = calls[0]
@@ -142,7 +146,7 @@ def test_guidance_combination(schedule, scale, ptype):
 def test_sampler_calls_denoiser_once_per_step(schedule):
     calls = []
     noise = torch.randn(B, 4, 8, 8)
-    out = ddim_sample(_const_denoiser(calls), noise, torch.full((B, L, D), 3.0), torch.ones(L, D), schedule,
+    out = run_sampler("ddim", _const_denoiser(calls), noise, torch.full((B, L, D), 3.0), torch.ones(L, D), schedule,
                       6, guidance_scale=3.0, progress=True)
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert len(calls) == 6 and all(n == 2 * B for n, _ in calls)
@@ -151,8 +155,8 @@ def test_sampler_calls_denoiser_once_per_step(schedule):
 def test_guidance_needs_null_context(schedule):
     noise, ctx, _ = _inputs()
     with pytest.raises(ValueError, match="null_context"):
-        ddim_sample(_conv_denoiser(), noise, ctx, None, schedule, 2, guidance_scale=2.0)
-    assert ddim_sample(_conv_denoiser(), noise, ctx, None, schedule, 2).shape == noise.shape
+        run_sampler("ddim", _conv_denoiser(), noise, ctx, None, schedule, 2, guidance_scale=2.0)
+    assert run_sampler("ddim", _conv_denoiser(), noise, ctx, None, schedule, 2).shape == noise.shape
 
 
 def test_quadratic_spacing_is_ddims_formula():
@@ -175,7 +179,7 @@ def test_ddim_zero_terminal_snr_v_prediction_matches_diffusers():
     den = _conv_denoiser()
     noise, ctx, null = _inputs()
     ours_steps, ref_steps = [], []
-    ours = ddim_sample(den, noise, ctx, null, zsnr, 10, prediction_type="v_prediction", spacing="trailing",
+    ours = run_sampler("ddim", den, noise, ctx, null, zsnr, 10, prediction_type="v_prediction", spacing="trailing",
                        callback=lambda i, x: ours_steps.append(x.clone()))
     hf.set_timesteps(10)
     x = noise

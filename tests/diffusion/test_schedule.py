@@ -1,10 +1,13 @@
 
+import re
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from ldm_train.config import DiffusionConfig
 from ldm_train.diffusion import NoiseSchedule, build_schedule, make_betas
+from ldm_train.diffusion.parameterization import predict, target
 
 KINDS = [("linear", "linear", 1e-4, 0.02), ("scaled_linear", "scaled_linear", 0.00085, 0.012),
          ("cosine", "squaredcos_cap_v2", 1e-4, 0.02)]
@@ -49,7 +52,7 @@ def test_add_noise_and_velocity_match_diffusers():
     x_t = s.add_noise(x0, eps, t)
     assert x_t.dtype == torch.float32
     torch.testing.assert_close(x_t, hf.add_noise(x0, eps, t), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(s.v_target(x0, eps, t), hf.get_velocity(x0, eps, t), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(target(s, x0, eps, t, "v_prediction"), hf.get_velocity(x0, eps, t), atol=1e-6, rtol=1e-5)
 
 
 def test_casts_to_input_dtype():
@@ -65,12 +68,12 @@ def test_pred_to_x0_eps_round_trip(kind):
     x0, eps, t = _batch(1)
     t = torch.tensor([0, 10, 500, 900])  # cosine's last steps make x0 ill-conditioned in float32
     x_t = s.add_noise(x0, eps, t)
-    for ptype, out in [("epsilon", eps), ("v_prediction", s.v_target(x0, eps, t))]:
-        x0_hat, eps_hat = s.pred_to_x0_eps(out, x_t, t, ptype)
+    for ptype, out in [("epsilon", eps), ("v_prediction", target(s, x0, eps, t, "v_prediction"))]:
+        x0_hat, eps_hat = predict(s, out, x_t, t, ptype)
         torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
-        s.pred_to_x0_eps(eps, x_t, t, "score")
+        predict(s, eps, x_t, t, "score")
 
 
 def test_schedule_validates_shapes():
@@ -83,11 +86,10 @@ def test_schedule_validates_shapes():
 
 from diffusers import EulerDiscreteScheduler  # noqa: E402
 
-from ldm_train.diffusion.schedule import (  # noqa: E402
-    check_combination,
-    check_prediction,
-    rescale_zero_terminal_snr,
-)
+from ldm_train.config import Config, ConfigError  # noqa: E402
+from ldm_train.diffusion.checks import check_config  # noqa: E402
+from ldm_train.diffusion.parameterization import check_prediction  # noqa: E402
+from ldm_train.diffusion.schedule import rescale_zero_terminal_snr  # noqa: E402
 
 
 def _zero_snr_pair():
@@ -117,21 +119,21 @@ def test_zero_snr_matches_diffusers_and_v_is_finite():
     x0, eps, _ = _batch()
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(s.add_noise(x0, eps, t), hf.add_noise(x0, eps, t), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(s.v_target(x0, eps, t), hf.get_velocity(x0, eps, t), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(target(s, x0, eps, t, "v_prediction"), hf.get_velocity(x0, eps, t), atol=1e-6, rtol=1e-5)
     x_t = s.add_noise(x0, eps, t)
-    for ptype, out in [("v_prediction", s.v_target(x0, eps, t)), ("sample", x0)]:
-        x0_hat, eps_hat = s.pred_to_x0_eps(out, x_t, t, ptype)
+    for ptype, out in [("v_prediction", target(s, x0, eps, t, "v_prediction")), ("sample", x0)]:
+        x0_hat, eps_hat = predict(s, out, x_t, t, ptype)
         assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
         torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
     assert s.snr(torch.tensor([999])).item() == 0.0 and s.sigmas[-1] == float("inf")
-    check_prediction(s, "v_prediction")
-    check_prediction(s, "sample")
+    check_prediction("v_prediction", s)
+    check_prediction("sample", s)
     with pytest.raises(ValueError, match="ill-posed"):
-        check_prediction(s, "epsilon")
-    check_prediction(build_schedule(DiffusionConfig()), "epsilon")
+        check_prediction("epsilon", s)
+    check_prediction("epsilon", build_schedule(DiffusionConfig()))
     with pytest.raises(ValueError, match="unknown prediction_type"):
-        check_prediction(s, "score")
+        check_prediction("score", s)
 
 
 def test_snr_and_sigmas_match_k_diffusion_definition():
@@ -150,7 +152,7 @@ def test_sample_prediction_round_trip(kind):
     s = build_schedule(DiffusionConfig(beta_schedule=kind))
     x0, eps, _ = _batch(1)
     t = torch.tensor([10, 100, 500, 999])  # at t=0, ε = (x_t - sqrt(ᾱ) x_0)/sqrt(1-ᾱ) amplifies rounding
-    x0_hat, eps_hat = s.pred_to_x0_eps(x0, s.add_noise(x0, eps, t), t, "sample")
+    x0_hat, eps_hat = predict(s, x0, s.add_noise(x0, eps, t), t, "sample")
     assert torch.equal(x0_hat, x0)
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
 
@@ -158,9 +160,9 @@ def test_sample_prediction_round_trip(kind):
 def test_sample_target_and_diffusers_x0_step():
     s = build_schedule(DiffusionConfig())
     x0, eps, t = _batch(2)
-    assert torch.equal(s.target(x0, eps, t, "sample"), x0)
+    assert torch.equal(target(s, x0, eps, t, "sample"), x0)
     with pytest.raises(ValueError):
-        s.target(x0, eps, t, "score")
+        target(s, x0, eps, t, "score")
     # diffusers' DDPMScheduler with prediction_type="sample" forms the same posterior mean μ̃(x_t, x̂_0)
     hf = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                        beta_end=0.012, prediction_type="sample", clip_sample=False, variance_type="fixed_small")
@@ -173,25 +175,42 @@ def test_sample_target_and_diffusers_x0_step():
     torch.testing.assert_close(out.prev_sample, ours, atol=1e-5, rtol=1e-5)
 
 
+def _config(prediction, formulation, learned, out_channels, in_channels, sampler, zero_snr=False):
+    return Config.model_validate({
+        "diffusion": {"prediction_type": prediction, "formulation": formulation, "rescale_betas_zero_snr": zero_snr,
+                      "iddpm": {"learned_variance": learned}},
+        "model": {"out_channels": out_channels, "in_channels": in_channels}, "eval": {"sampler": sampler}})
+
+
+# The combinations the configuration can express, each refused naming its keys (ldm_train.diffusion.checks).
 @pytest.mark.parametrize("args,match", [
-    (("epsilon", "linear", True, 4, 4, "ddpm"), "out_channels == 2"),
-    (("epsilon", "linear", True, 8, 4, "ddim"), "only used by samplers"),
-    (("epsilon", "ve", True, 8, 4, "ddpm"), "discrete schedule"),
-    (("epsilon", "scaled_linear_zero_snr", False, 4, 4, "ddim"), "ill-posed"),
-    (("v_prediction", "ve", False, 4, 4, "pc"), "not defined for the VE SDE"),
-    (("epsilon", "quadratic", False, 4, 4, "ddim"), "unknown schedule kind"),
-    (("eps", "linear", False, 4, 4, "ddim"), "unknown prediction_type"),
-    (("epsilon", "linear", False, 8, 4, "ddim"), "must equal in_channels"),
+    (("epsilon", "ddpm", True, 4, 4, "ddpm"), "model.out_channels=4: diffusion.iddpm.learned_variance needs 2"),
+    (("epsilon", "ddpm", True, 8, 4, "ddim"), "eval.sampler='ddim' would ignore diffusion.iddpm.learned_variance"),
+    (("epsilon", "ve_sde", True, 8, 4, "ddpm"), "diffusion.iddpm.learned_variance is Improved DDPM's; it needs"),
+    (("epsilon", "ddpm", False, 4, 4, "ddim", True), "diffusion.prediction_type='epsilon' is ill-posed"),
+    (("v_prediction", "ve_sde", False, 4, 4, "pc"), "diffusion.prediction_type='v_prediction': diffusion.formulation"),
+    (("epsilon", "ve_sde", False, 4, 4, "pc", True), "diffusion.rescale_betas_zero_snr rescales"),
+    (("epsilon", "ddpm", False, 4, 4, "pc"), "eval.sampler='pc' samples diffusion.formulation in"),
+    (("epsilon", "ncsn", False, 4, 4, "ddim"), "eval.sampler='ddim' samples diffusion.formulation in"),
+    (("epsilon", "ddpm", False, 4, 4, "iddpm"), "eval.sampler: unknown sampler 'iddpm'"),
+    (("epsilon", "ddpm", False, 8, 4, "ddim"), "model.out_channels=8 must equal model.in_channels=4"),
 ])
-def test_check_combination_rejects(args, match):
-    with pytest.raises(ValueError, match=match):
-        check_combination(*args)
+def test_check_config_rejects_naming_the_keys(args, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        check_config(_config(*args))
 
 
-def test_check_combination_accepts_and_keyword_zero_snr():
-    check_combination("epsilon", "cosine", True, 8, 4, "iddpm")
-    check_combination("v_prediction", "scaled_linear_zero_snr", False, 4, 4, "ddim")
-    check_combination("epsilon", "ve", False, 4, 4, "pc")
-    check_combination("v_prediction", "vp", False, 4, 4, "euler")
-    with pytest.raises(ValueError, match="ill-posed"):
-        check_combination("epsilon", "linear", False, 4, 4, "ddim", rescale_zero_snr=True)
+def test_check_config_accepts():
+    check_config(_config("epsilon", "ddpm", True, 8, 4, "ddpm"))
+    check_config(_config("v_prediction", "ddpm", False, 4, 4, "ddim", True))
+    check_config(_config("epsilon", "ve_sde", False, 4, 4, "pc"))
+    check_config(_config("epsilon", "vp_sde", False, 4, 4, "pf_ode"))
+    check_config(_config("epsilon", "ncsn", False, 4, 4, "annealed_langevin"))
+    check_config(_config("v_prediction", "ddpm", False, 4, 4, "euler"))
+
+
+def test_check_config_lists_every_problem_once():
+    with pytest.raises(ConfigError) as e:
+        check_config(_config("v_prediction", "ve_sde", True, 4, 4, "ddim"))
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 5, lines  # sampler/formulation, prediction, learned variance x3

@@ -4,13 +4,10 @@ import math
 import pytest
 import torch
 
-from ldm_train.diffusion.score_losses import (
-    dsm_loss,
-    geometric_sigmas,
-    max_pairwise_distance,
-    num_noise_scales,
-    sliced_score_matching_loss,
-)
+from ldm_train.diffusion.losses.score import sliced_score_matching_loss
+from ldm_train.diffusion.sdes import geometric_sigmas
+
+from analytic import dsm_loss, max_pairwise_distance, num_noise_scales
 
 MEANS = torch.tensor([[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]])
 WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.4])

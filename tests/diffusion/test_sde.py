@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm_train.diffusion.analytic import GaussianMixture, as_vp_score
-from ldm_train.diffusion.langevin import annealed_langevin_sample
-from ldm_train.diffusion.sde import (VESDE, SubVPSDE, VPSDE, pc_sample, probability_flow_sample,
-                                     tweedie_denoise)
+from ldm_train.diffusion.parameterization import SDEScore
+from ldm_train.diffusion.samplers.langevin import sample_annealed_langevin
+from ldm_train.diffusion.samplers.sde import sample_pc, sample_pf_ode, sde_grid
+from ldm_train.diffusion.sdes import VESDE, SubVPSDE, VPSDE, tweedie_denoise
+
+from analytic import GaussianMixture, as_vp_score
 
 F64 = torch.float64
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
@@ -85,23 +87,26 @@ def test_sampler_nfe_and_determinism(name):
     x_T = sde.prior_sample((16, 2), gen(1), dtype=F64)
     for method, per_step in (("euler", 1), ("heun", 2)):
         c = Counter(as_vp_score(GMM, sde))
-        a = probability_flow_sample(c, sde, x_T, 7, method, final_denoise=True)
+        a = sample_pf_ode(SDEScore(c, sde), x_T, sde_grid(sde, 7), method=method, final_denoise=True)
         assert c.calls == 7 * per_step + 1
-        torch.testing.assert_close(probability_flow_sample(c, sde, x_T, 7, method, final_denoise=True), a,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(sample_pf_ode(SDEScore(c, sde), x_T, sde_grid(sde, 7), method=method,
+                                                 final_denoise=True), a, rtol=0, atol=0)
     for predictor in ("reverse_diffusion", "euler_maruyama"):
         c = Counter(as_vp_score(GMM, sde))
-        a = pc_sample(c, sde, x_T, 5, predictor, "langevin", n_corrector=2, generator=gen(2))
+        a = sample_pc(SDEScore(c, sde), x_T, sde_grid(sde, 5), generator=gen(2), predictor=predictor,
+                      corrector="langevin", n_corrector=2)
         assert c.calls == 5 * 3 + 1
-        b = pc_sample(c, sde, x_T, 5, predictor, "langevin", n_corrector=2, generator=gen(2))
+        b = sample_pc(SDEScore(c, sde), x_T, sde_grid(sde, 5), generator=gen(2), predictor=predictor,
+                      corrector="langevin", n_corrector=2)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         c.calls = 0
-        pc_sample(c, sde, x_T, 5, predictor, None, generator=gen(2), final_denoise=False)
+        sample_pc(SDEScore(c, sde), x_T, sde_grid(sde, 5), generator=gen(2), predictor=predictor, corrector="none",
+                  final_denoise=False)
         assert c.calls == 5
     with pytest.raises(ValueError):
-        pc_sample(c, sde, x_T, 5, "ancestral")
+        sample_pc(SDEScore(c, sde), x_T, sde_grid(sde, 5), predictor="ancestral")
     with pytest.raises(ValueError):
-        probability_flow_sample(c, sde, x_T, 5, "rk4")
+        sample_pf_ode(SDEScore(c, sde), x_T, sde_grid(sde, 5), method="rk4")
 
 
 def test_tweedie_step_is_the_exact_denoiser():
@@ -113,7 +118,8 @@ def test_tweedie_step_is_the_exact_denoiser():
 
 def test_annealed_langevin_rejects_ascending_sigmas():
     with pytest.raises(ValueError):
-        annealed_langevin_sample(GMM.score, [0.1, 1.0], torch.zeros(2, 2, dtype=F64), 1, 1e-3)
+        sample_annealed_langevin(GMM.score, torch.zeros(2, 2, dtype=F64), torch.tensor([0.1, 1.0], dtype=F64),
+                                 steps_per_sigma=1, step_lr=1e-3)
 
 
 def test_langevin_reaches_the_discrete_chains_stationary_variance():
@@ -121,8 +127,8 @@ def test_langevin_reaches_the_discrete_chains_stationary_variance():
     (Alg. 1's update with the exact score -x/v); 20000 chains, 4 standard errors. NFE = L·T + 1."""
     v, sigma, lr = 0.5, 0.5, 0.05
     score = Counter(lambda x, s: -x / (v + 0 * s))
-    x = annealed_langevin_sample(score, [sigma], torch.zeros(20_000, 1, dtype=F64), 300, lr, gen(4),
-                                 final_denoise=False)
+    x = sample_annealed_langevin(score, torch.zeros(20_000, 1, dtype=F64), torch.tensor([sigma], dtype=F64),
+                                 generator=gen(4), steps_per_sigma=300, step_lr=lr, final_denoise=False)
     assert score.calls == 300
     alpha = lr  # α = ε σ²/σ_L² = ε for a single level
     rho = 1 - alpha / (2 * v)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm_train.diffusion.schedule import NoiseSchedule, make_betas
-from ldm_train.diffusion.vlb import (
+from ldm_train.diffusion.losses.vlb import (
     discretized_gaussian_log_likelihood,
     hybrid_loss,
     model_log_variance,

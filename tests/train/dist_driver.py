@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import MICRO  # noqa: E402
 
 from ldm_train.config import load_config  # noqa: E402
-from ldm_train.diffusion.objective import build_objective  # noqa: E402
+from ldm_train.diffusion import build_objective  # noqa: E402
 from ldm_train.latents.cache import LatentData, load_latents  # noqa: E402
 from ldm_train.train.loop import train_denoiser  # noqa: E402
 from ldm_train.train.strategy import gather_chunks, make_accelerator  # noqa: E402

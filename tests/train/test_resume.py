@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ldm_train.cli import main
 from ldm_train.config import load_config
-from ldm_train.diffusion.objective import build_objective
+from ldm_train.diffusion import build_objective
 from ldm_train.errors import Preempted
 from ldm_train.train import checkpoint as ck
 from ldm_train.train.control import NonFiniteError, Watchdog

@@ -1,7 +1,8 @@
 """Score-based generative modelling through SDEs (Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole 2021).
 
-Forward SDEs on t ∈ [0, 1], their reverse-time SDE and probability-flow ODE, and samplers that are
-pure functions of a score callable ``score(x, t) -> ∇_x log p_t(x)`` (``t`` a float tensor ``[B]``).
+Forward SDEs on t ∈ [0, 1], their reverse-time SDE and probability-flow ODE, as pure functions of a
+score callable ``score(x, t) -> ∇_x log p_t(x)`` (``t`` a float tensor ``[B]``); the samplers that
+integrate them are in :mod:`ldm_train.diffusion.samplers.sde`. Also NCSN's noise levels.
 
 Code name            -> paper symbol
 ``sde(x, t)``        -> (f(x, t), g(t)): dx = f dt + g dw                           (eq. 5)
@@ -11,8 +12,7 @@ Code name            -> paper symbol
 ``reverse_drift``    -> f - g² ∇ log p_t (reverse SDE, eq. 6)
 ``ode_drift``        -> f - ½ g² ∇ log p_t (probability-flow ODE, eq. 13)
 ``eps``              -> ε, the smallest time integrated to (1e-3 VP/sub-VP, 1e-5 VE; App. C)
-``snr``              -> r, the corrector's signal-to-noise ratio (Alg. 4, 5)
-``n_corrector``      -> M, corrector steps per noise level (Alg. 1)
+``sigmas`` (NCSN)    -> {σ_i}_{i=1}^L, a descending geometric sequence (Song & Ermon 2019 sec. 4.2)
 
 Convention for the VE SDE (as in the paper's code): p_0 is the data perturbed by N(0, σ_min² I), so
 the marginal std is σ(t) itself and the prior is N(0, σ_max² I). The optional final step returns
@@ -22,9 +22,11 @@ Tweedie's E[x(0) | x(ε)] = (x + std² ∇ log p_ε(x)) / mean_coef (Efron 2011;
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
+
+from ldm_train.config import DiffusionConfig
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -157,7 +159,7 @@ class VESDE(_SDE):
 
 
 # -- reverse-time dynamics ------------------------------------------------------------------
-def _tvec(t: float, x: torch.Tensor) -> torch.Tensor:
+def tvec(t: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), dtype=torch.float64)
 
 
@@ -176,7 +178,7 @@ def ode_drift(score: Score, sde: _SDE, x: torch.Tensor, t: torch.Tensor) -> torc
 def tweedie_denoise(score: Score, sde: _SDE, x: torch.Tensor, t: float) -> torch.Tensor:
     """E[x(0) | x(t)] = (x + std(t)² ∇ log p_t(x)) / mean_coef(t) (Tweedie; Efron 2011)."""
     m, s = sde.marginal(t)
-    return (x + float(s) ** 2 * score(x, _tvec(t, x))) / float(m)
+    return (x + float(s) ** 2 * score(x, tvec(t, x))) / float(m)
 
 
 def time_grid(sde: _SDE, steps: int, eps: float | None = None) -> list[float]:
@@ -187,89 +189,24 @@ def time_grid(sde: _SDE, steps: int, eps: float | None = None) -> list[float]:
     return torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
 
 
-@torch.no_grad()
-def probability_flow_sample(
-    score: Score, sde: _SDE, x_T: torch.Tensor, steps: int, method: Literal["heun", "euler"] = "heun",
-    eps: float | None = None, final_denoise: bool = False,
-) -> torch.Tensor:
-    """Integrate the probability-flow ODE (eq. 13) from t = T to ε with ``steps`` fixed steps.
-
-    ``euler``: x ← x + h·d(x, t), 1 score call per step (1st order). ``heun``: the explicit
-    trapezoidal rule (Heun's 2nd-order method, as in EDM Alg. 1 without churn), 2 calls per step.
-    Deterministic; ``final_denoise`` adds one Tweedie step (1 call) at t = ε."""
-    if method not in ("heun", "euler"):
-        raise ValueError(f"unknown method {method!r}; expected heun or euler")
-    ts = time_grid(sde, steps, eps)
-    x = x_T
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        h = t_next - t  # negative: integrating backwards in time
-        d = ode_drift(score, sde, x, _tvec(t, x))
-        x_euler = x + h * d
-        if method == "euler":
-            x = x_euler
-        else:
-            d_next = ode_drift(score, sde, x_euler, _tvec(t_next, x))
-            x = x + h * 0.5 * (d + d_next)  # trapezoidal correction
-    if final_denoise:
-        x = tweedie_denoise(score, sde, x, ts[-1])
-    return x
+def geometric_sigmas(sigma_min: float, sigma_max: float, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """σ_1 = sigma_max > ... > σ_n = sigma_min, geometric (constant ratio σ_{i-1}/σ_i), ``[n]``."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if n < 2:
+        raise ValueError(f"need n >= 2 noise levels, got {n}")
+    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)).to(dtype)
 
 
-def langevin_corrector_step(score: Score, sde: _SDE, x: torch.Tensor, t: float, snr: float,
-                            alpha: float, generator: torch.Generator | None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Langevin MCMC step at time t (Alg. 4 VE / Alg. 5 VP): ε = 2 α (r ‖z‖ / ‖s‖)²,
-    x ← x + ε s + sqrt(2 ε) z. As in the paper's code the norms are per-sample norms averaged
-    over the batch; α = ``sde.corrector_alpha``: 1 - β_i for VP, 1 for sub-VP and VE (as the
-    paper's code). Returns (x, its noise-free mean)."""
-    s = score(x, _tvec(t, x))
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    grad_norm = s.reshape(s.shape[0], -1).norm(dim=-1).mean()
-    noise_norm = z.reshape(z.shape[0], -1).norm(dim=-1).mean()
-    step = 2 * alpha * (snr * noise_norm / grad_norm) ** 2
-    x_mean = x + step * s
-    return x_mean + (2 * step).sqrt() * z, x_mean
+def build_sde(cfg: DiffusionConfig) -> _SDE:
+    """The forward SDE of ``diffusion.formulation`` (section ``diffusion.sde``)."""
+    s = cfg.sde
+    sde = {"vp_sde": lambda: VPSDE(s.beta_min, s.beta_max), "subvp_sde": lambda: SubVPSDE(s.beta_min, s.beta_max),
+           "ve_sde": lambda: VESDE(s.sigma_min, s.sigma_max)}[cfg.formulation]()
+    sde.eps = s.t_eps  # the smallest time trained on and integrated to
+    return sde
 
 
-@torch.no_grad()
-def pc_sample(
-    score: Score, sde: _SDE, x_T: torch.Tensor, steps: int,
-    predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion",
-    corrector: Literal["langevin"] | None = "langevin", snr: float = 0.16, n_corrector: int = 1,
-    generator: torch.Generator | None = None, eps: float | None = None, final_denoise: bool = True,
-) -> torch.Tensor:
-    """Predictor-corrector sampling (Alg. 1; Alg. 2 for VE, Alg. 3 for VP) from x_T ~ prior.
-
-    Each of ``steps`` levels t_i → t_{i+1} (grid T → ε): one predictor step, then ``n_corrector``
-    Langevin steps at t_{i+1}. Predictors: ``reverse_diffusion`` (eq. 46-47: x ← x - f_i + G_i² s +
-    G_i z with the forward chain's (f_i, G_i), i.e. ancestral sampling of Alg. 2/3) or
-    ``euler_maruyama`` (reverse SDE eq. 6 with dt < 0); for sub-VP the forward chain is the
-    Euler-Maruyama one, so the two coincide. NFE = steps·(1 + n_corrector) plus 1 for
-    ``final_denoise`` (Tweedie at ε; otherwise the last step's noise-free mean is returned, as in
-    the paper's code). Noise: per level one z for the predictor, then one per corrector step,
-    all from ``generator``."""
-    if predictor not in ("reverse_diffusion", "euler_maruyama"):
-        raise ValueError(f"unknown predictor {predictor!r}")
-    if corrector not in ("langevin", None):
-        raise ValueError(f"unknown corrector {corrector!r}")
-    ts = time_grid(sde, steps, eps)
-    x = x_T
-    x_mean = x
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        dt = t - t_next
-        tv = _tvec(t, x)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        if predictor == "reverse_diffusion":
-            f, G = sde.discretize(x, tv, dt)
-            x_mean = x - f + G**2 * score(x, tv)  # eq. 46: x_i = x_{i+1} - f_{i+1} + G² s
-        else:
-            drift, g = reverse_drift(score, sde, x, tv)
-            x_mean, G = x - drift * dt, g * math.sqrt(dt)  # Euler-Maruyama on eq. 6, dt → -dt
-        x = x_mean + G * z
-        if corrector == "langevin":
-            alpha = sde.corrector_alpha(t_next, dt)
-            for _ in range(n_corrector):
-                x, x_mean = langevin_corrector_step(score, sde, x, t_next, snr, alpha, generator)
-    if final_denoise:
-        return tweedie_denoise(score, sde, x, ts[-1])
-    return x_mean
+def ncsn_sigmas(cfg: DiffusionConfig) -> torch.Tensor:
+    """NCSN's L = ``diffusion.ncsn.num_scales`` geometric levels (section ``diffusion.ncsn``)."""
+    return geometric_sigmas(cfg.ncsn.sigma_min, cfg.ncsn.sigma_max, cfg.ncsn.num_scales)

@@ -23,8 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ldm_train.diffusion.losses import Denoiser, _check_generator, drop_context
-from ldm_train.diffusion.schedule import NoiseSchedule, PredictionType, check_prediction
+from ldm_train.diffusion.guidance import drop_context
+from ldm_train.diffusion.losses.simple import Denoiser, _check_generator
+from ldm_train.diffusion.parameterization import PredictionType, check_prediction, predict, target
+from ldm_train.diffusion.schedule import NoiseSchedule
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ def p_mean_variance(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(μ_θ, log Σ_θ, x̂_0) of p_θ(x_{t-1} | x_t): μ_θ = μ̃_t(x_t, x̂_0) (DDPM eq. 7, with x̂_0 from
     ``mean_out``), log Σ_θ from :func:`model_log_variance`. x̂_0 is not clipped (ADM's training path)."""
-    x0_hat, _ = schedule.pred_to_x0_eps(mean_out, x_t, t, prediction_type)
+    x0_hat, _ = predict(schedule, mean_out, x_t, t, prediction_type)
     return schedule.posterior_mean(x0_hat, x_t, t), model_log_variance(schedule, var_out, t), x0_hat
 
 
@@ -132,7 +134,7 @@ def hybrid_loss(
     Returns ``(loss, stats)`` with ``loss``, ``loss_simple``, ``loss_vlb``, ``t_mean``, ``cond_drop_frac``."""
     if not 0.0 <= cond_drop_prob <= 1.0:
         raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-    check_prediction(schedule, prediction_type)  # L_vlb needs x̂_0: ε is ill-posed at zero terminal SNR
+    check_prediction(prediction_type, schedule)  # L_vlb needs x̂_0: ε is ill-posed at zero terminal SNR
     _check_generator(generator, x0)
     B, C, device = x0.shape[0], x0.shape[1], x0.device
     T = schedule.num_train_timesteps
@@ -144,8 +146,7 @@ def hybrid_loss(
     if out.shape[1] != 2 * C:
         raise ValueError(f"learned variance needs 2*C = {2 * C} output channels, got {out.shape[1]}")
     mean_out, var_out = out[:, :C], out[:, C:]
-    target = schedule.target(x0, eps, t, prediction_type)
-    loss_simple = F.mse_loss(mean_out.float(), target.float())
+    loss_simple = F.mse_loss(mean_out.float(), target(schedule, x0, eps, t, prediction_type).float())
     # stop-gradient on μ_θ: L_vlb only moves Σ_θ (Improved DDPM sec. 3.1)
     vb = vlb_term(schedule, x0.float(), x_t.float(), t, mean_out.detach().float(), var_out.float(), prediction_type)
     loss_vlb = vb.mean() * T

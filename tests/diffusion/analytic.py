@@ -1,4 +1,5 @@
-"""An exactly solvable diffusion target: a Gaussian mixture and its closed-form denoiser and score.
+"""An exactly solvable diffusion target: a Gaussian mixture and its closed-form denoiser and score
+(test-only code; ``launch/bench_samplers.py`` loads it by path).
 
 Used in place of a trained network to test samplers for exactness (issue 4): with the exact
 posterior mean every remaining error is the sampler's.
@@ -21,6 +22,13 @@ are r_k(x) ∝ π_k N(x; μ_k, Σ_k + σ² I) and, by Gaussian conditioning with
 E[x_0 | x, k] = μ_k + Σ_k (Σ_k + σ² I)^{-1} (x - μ_k); D(x; σ) = Σ_k r_k(x) E[x_0 | x, k].
 A scaled marginal x = s x_0 + std·ε is the VE case at σ = std / s evaluated at x / s.
 Maths runs in float64; results come back in the input's dtype.
+
+Also the test-only score-matching helpers (NCSN, Song & Ermon 2019; NCSNv2, Song & Ermon 2020):
+``dsm_loss``     -> (1/L) Σ_i λ(σ_i) ℓ(θ; σ_i), ℓ(θ; σ) = ½ E ‖s_θ(x̃, σ) + (x̃ - x)/σ²‖²,
+                    λ(σ) = σ² (NCSN eq. 5-6); x̃ = x + σ z, so σ² ℓ = ½ ‖σ s_θ + z‖²
+``max_pairwise_distance`` -> σ_1 ≈ max_{i,j} ‖x_i - x_j‖ (NCSNv2 Technique 1)
+``num_noise_scales``      -> L such that γ = σ_{i-1}/σ_i satisfies
+                    Φ(sqrt(2D)(γ-1) + 3γ) - Φ(sqrt(2D)(γ-1) - 3γ) ≈ 0.5 (NCSNv2 Technique 2)
 """
 from __future__ import annotations
 
@@ -142,7 +150,7 @@ def as_discrete_model(gmm: GaussianMixture, schedule: NoiseSchedule, prediction_
 
 def as_vp_score(gmm: GaussianMixture, sde) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
     """The exact score ``score(x, t) = ∇_x log p_t(x)`` of the marginal of a continuous SDE
-    (``VPSDE``, ``SubVPSDE`` or ``VESDE`` from :mod:`ldm_train.diffusion.sde`; anything with
+    (``VPSDE``, ``SubVPSDE`` or ``VESDE`` from :mod:`ldm_train.diffusion.sdes`; anything with
     ``marginal(t) -> (mean_coef, std)``). With x = m x_0 + s ε (Song et al. 2021, eq. 29/33):
     ∇_x log p_t(x) = (1/m) ∇_y log p_σ(y) at y = x/m, σ = s/m."""
 
@@ -172,3 +180,57 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 25
     pa, _ = (a @ theta).sort(dim=0)
     pb, _ = (b @ theta).sort(dim=0)
     return float((pa - pb).pow(2).mean(0).sqrt().mean())
+
+
+# -- score-matching helpers (from the former ldm_train.diffusion.score_losses) ------------------
+def max_pairwise_distance(x: torch.Tensor) -> float:
+    """max_{i,j} ‖x_i - x_j‖₂ over the batch (flattened), NCSNv2 Technique 1's choice of σ_1."""
+    flat = x.detach().flatten(1).double()
+    return float(torch.cdist(flat, flat).max())
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def num_noise_scales(sigma_min: float, sigma_max: float, dim: int, target: float = 0.5) -> int:
+    """L for :func:`ldm_train.diffusion.sdes.geometric_sigmas` by NCSNv2 Technique 2: the ratio γ > 1 solving
+    Φ(sqrt(2D)(γ-1) + 3γ) - Φ(sqrt(2D)(γ-1) - 3γ) = ``target`` (bisection), then
+    L = ⌈log(σ_max/σ_min)/log γ⌉ + 1."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    c = math.sqrt(2.0 * dim)
+
+    def overlap(g: float) -> float:  # decreasing in γ for γ >= 1
+        return _phi(c * (g - 1) + 3 * g) - _phi(c * (g - 1) - 3 * g)
+
+    lo, hi = 1.0, 2.0
+    while overlap(hi) > target:
+        hi *= 2
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if overlap(mid) > target else (lo, mid)
+    gamma = 0.5 * (lo + hi)
+    return max(2, math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma)) + 1)
+
+
+def dsm_loss(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Denoising score matching over noise levels (NCSN eq. 5-6, λ(σ) = σ²), a scalar.
+
+    Per sample: i ~ U{1..L}, z ~ N(0, I), x̃ = x + σ_i z; loss ½ ‖σ_i s_θ(x̃, σ_i) + z‖² summed over
+    dimensions and averaged over the batch (= λ(σ) ½ ‖s_θ + (x̃ - x)/σ²‖²). ``score_fn(x̃, σ)`` gets
+    σ as ``[B]``. Draws i then z from ``generator``."""
+    B = x.shape[0]
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    idx = torch.randint(0, sigmas.shape[0], (B,), generator=generator, device=x.device)
+    sigma = sigmas[idx]
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    s = sigma.view(-1, *([1] * (x.dim() - 1)))
+    x_noisy = x + s * z
+    score = score_fn(x_noisy, sigma)
+    return 0.5 * (s * score + z).pow(2).flatten(1).sum(1).mean()

@@ -7,7 +7,7 @@ the reference implementations ``get_sigmas_karras``, ``sample_euler``, ``sample_
 
 Code name          -> paper symbol
 ``D``              -> D_θ(x; σ) -> x̂_0, the denoiser (EDM eq. 2-3); called ``D(x, sigma)`` with a
-                      Python float σ > 0 (see ``denoisers.x0_denoiser`` for a network-backed D)
+                      Python float σ > 0 (``parameterization.sigma_denoiser`` makes one of a network)
 ``x``              -> x_i, sample with x = x_0 + σ ε (EDM: s(t) = 1, σ(t) = t)
 ``sigmas``         -> t_0 > t_1 > ... > t_{N-1} > t_N = 0 (EDM eq. 5; EDM writes the noise level as t)
 ``rho``            -> ρ (EDM eq. 5; 7 by default)
@@ -18,21 +18,22 @@ Code name          -> paper symbol
 ``r``              -> r_i = h_{i-1} / h_i (DPM-Solver++ Alg. 2)
 
 Every sampler starts from ``x = noise * sigmas[0]`` and returns x at σ = sigmas[-1] (normally 0).
-Classifier-free guidance enters through D (``x0_denoiser(cfg_model(...))``); :func:`karras_sample`
-wires a network, guidance and a schedule to these samplers.
+Classifier-free guidance and the parameterisation enter through D, built outside (see
+:mod:`ldm_train.diffusion.samplers`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Annotated, Callable
 
 import torch
+from pydantic import Field
 
-from ldm_train.diffusion.denoisers import SigmaDenoiser, cfg_model, discrete_sigmas, x0_denoiser
-from ldm_train.diffusion.losses import Denoiser
+from ldm_train.diffusion.parameterization import SigmaDenoiser, discrete_sigmas
 from ldm_train.diffusion.schedule import NoiseSchedule
 
 Callback = Callable[[int, torch.Tensor], None]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -47,6 +48,12 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def karras_grid(schedule: NoiseSchedule, steps: int, *, rho: Annotated[float, Field(gt=0)] = 7.0) -> torch.Tensor:
+    """EDM's grid between the schedule's σ_min = σ_0 and σ_max = σ_{T-1} (``discrete_sigmas``)."""
+    sig = discrete_sigmas(schedule)
+    return karras_sigmas(steps, float(sig[0]), float(sig[-1]), rho)
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -65,15 +72,9 @@ def _churn(x, sigma, n, generator, s_churn, s_tmin, s_tmax, s_noise):
 
 @torch.no_grad()
 def sample_euler(
-    D: SigmaDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    generator: torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-    callback: Callback | None = None,
+    D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0,
+    s_tmax: NonNegative = math.inf, s_noise: NonNegative = 1.0,
 ) -> torch.Tensor:
     """EDM Alg. 2 with the Euler step only (lines 7-8): first order, N = len(sigmas) - 1 evaluations."""
     s = [float(v) for v in sigmas]
@@ -89,15 +90,9 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_heun(
-    D: SigmaDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    generator: torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-    callback: Callback | None = None,
+    D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
+    callback: Callback | None = None, s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0,
+    s_tmax: NonNegative = math.inf, s_noise: NonNegative = 1.0,
 ) -> torch.Tensor:
     """EDM Alg. 2 in full: Euler predictor plus the trapezoidal (Heun) correction, second order;
     the last step to σ = 0 stays Euler (line 9). 2N - 1 evaluations for N steps ending at 0."""
@@ -119,9 +114,7 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    D: SigmaDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
+    D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, data prediction, multistep), as k-diffusion's
@@ -148,42 +141,3 @@ def sample_dpmpp_2m(
         if callback is not None:
             callback(i, x)
     return x
-
-
-KarrasSampler = Literal["euler", "heun", "dpmpp_2m"]
-
-
-@torch.no_grad()
-def karras_sample(
-    denoiser: Denoiser,
-    noise: torch.Tensor,
-    context: torch.Tensor,
-    null_context: torch.Tensor | None,
-    schedule: NoiseSchedule,
-    steps: int,
-    sampler: KarrasSampler = "euler",
-    guidance_scale: float = 1.0,
-    prediction_type: str = "epsilon",
-    rho: float = 7.0,
-    generator: torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-    quantize_timesteps: bool = False,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Sample x_0 with a network ``denoiser(x_t, t, context)`` on the Karras grid between the
-    schedule's σ_min = σ_0 and σ_max = σ_{T-1} (:func:`discrete_sigmas`), with classifier-free
-    guidance (:func:`cfg_model`) and D from :func:`x0_denoiser`. ``noise`` is ε ~ N(0, I)."""
-    sig = discrete_sigmas(schedule)
-    sigmas = karras_sigmas(steps, float(sig[0]), float(sig[-1]), rho)
-    D = x0_denoiser(cfg_model(denoiser, context, null_context, guidance_scale), schedule, prediction_type,
-                    quantize=quantize_timesteps)
-    x = noise * float(sigmas[0])
-    if sampler == "dpmpp_2m":
-        return sample_dpmpp_2m(D, x, sigmas, callback=callback)
-    if sampler in ("euler", "heun"):
-        fn = sample_euler if sampler == "euler" else sample_heun
-        return fn(D, x, sigmas, generator, s_churn, s_tmin, s_tmax, s_noise, callback)
-    raise ValueError(f"unknown sampler {sampler!r}; expected euler, heun or dpmpp_2m")

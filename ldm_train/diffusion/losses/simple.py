@@ -22,14 +22,15 @@ Code name        -> paper symbol
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ldm_train.diffusion.schedule import NoiseSchedule, PredictionType
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from ldm_train.diffusion.guidance import Net as Denoiser
+from ldm_train.diffusion.guidance import drop_context
+from ldm_train.diffusion.parameterization import PredictionType, target
+from ldm_train.diffusion.schedule import NoiseSchedule
 Weighting = Literal["uniform", "min_snr", "edm"]
 TimestepSampling = Literal["uniform", "logit_normal"]
 WEIGHTINGS = ("uniform", "min_snr", "edm")
@@ -50,8 +51,6 @@ def loss_weight(
     EDM for ε: 1 + σ²/σ_d²;  for v: (1 - ᾱ + σ_d² ᾱ)/σ_d²;  for x_0: 1/σ_d² + ᾱ/(1-ᾱ)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
     a = schedule.alphas_cumprod.to(t.device)[t]
     if weighting == "uniform":
         return torch.ones_like(a)
@@ -96,17 +95,6 @@ def sample_timesteps(
         u = torch.randn(batch, generator=generator, device=device, dtype=torch.float64) * logit_std + logit_mean
         return (torch.sigmoid(u) * T).floor().clamp(0, T - 1).to(torch.int64)
     raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
-
-
-def drop_context(
-    context: torch.Tensor, null_context: torch.Tensor, drop: torch.Tensor
-) -> torch.Tensor:
-    """Replace ``context[i]`` by ``null_context`` where ``drop[i]`` (bool ``[B]``).
-
-    ``null_context`` is ``[L, D]`` or ``[1, L, D]`` and broadcasts over the batch."""
-    null = null_context.to(device=context.device, dtype=context.dtype).expand_as(context)
-    mask = drop.view(-1, *([1] * (context.dim() - 1)))
-    return torch.where(mask, null, context)
 
 
 def _check_generator(generator: torch.Generator | None, x0: torch.Tensor) -> None:
@@ -165,11 +153,11 @@ def diffusion_loss(
         eps = eps + offset_noise * torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, eps, t)  # DDPM eq. 4
     out = denoiser(x_t, t, drop_context(context, null_context, drop))
-    target = schedule.target(x0, eps, t, prediction_type)
+    target_ = target(schedule, x0, eps, t, prediction_type)
     if weighting == "uniform":
-        loss = F.mse_loss(out.float(), target.float())
+        loss = F.mse_loss(out.float(), target_.float())
     else:
-        per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_sample = (out.float() - target_.float()).pow(2).flatten(1).mean(1)
         w = loss_weight(schedule, t, prediction_type, weighting, min_snr_gamma, sigma_data)
         loss = (w.to(per_sample.dtype) * per_sample).mean()
     stats = {
