@@ -245,3 +245,78 @@ def test_quoted_number_stays_a_string_in_string_fields(tmp_path):
 def test_demo_yaml_is_the_defaults():
     """configs/demo.yaml documents the defaults; it must not drift from the schema."""
     assert load_config(REPO / "configs" / "demo.yaml") == load_config(None)
+
+
+# -- keys that moved into nested sections (diffusion.loss.*, eval.samplers.*, eval.metrics.*, ...) ----
+OLD_LAYOUT = """
+diffusion:
+  loss_weighting: min_snr
+  min_snr_gamma: 3.0
+  learned_variance: false
+  formulation: ve_sde
+  prediction_type: epsilon
+  sigma_min: 0.02
+  sde_beta_max: 15.0
+  objective: ssm_vr
+eval:
+  sampler: pc
+  eta: 0.0
+  spacing: trailing
+  snr: 0.2
+  pc_corrector: none
+  inception_weights: /w/inception.pth
+  clip_model: ViT-B-16
+"""
+
+
+def test_moved_keys_are_refused_naming_their_new_place(tmp_path):
+    path = write(tmp_path, OLD_LAYOUT)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    for line in ("diffusion.loss_weighting: moved to diffusion.loss.weighting",
+                 "diffusion.sigma_min: moved to diffusion.sde.sigma_min and diffusion.ncsn.sigma_min",
+                 "eval.spacing: moved to eval.samplers.ddim.spacing and eval.samplers.ddpm.spacing",
+                 "eval.inception_weights: moved to eval.metrics.inception_weights"):
+        assert line in msg and str(path) in msg
+    with pytest.raises(ConfigError, match=r"eval.eta: moved to eval.samplers.ddim.eta  \[in command-line override\]"):
+        load_config(None, ["eval.eta=1.0"])
+    with pytest.raises(ConfigError, match="'iddpm' was an alias of 'ddpm'"):
+        load_config(None, ["eval.sampler=iddpm"])
+
+
+def test_old_run_config_is_read_with_its_keys_moved(tmp_path):
+    cfg = load_config(write(tmp_path, OLD_LAYOUT), migrate_old=True)
+    d, e = cfg.diffusion, cfg.eval
+    assert d.loss.weighting == "min_snr" and d.loss.min_snr_gamma == 3.0 and not d.iddpm.learned_variance
+    assert d.sde.sigma_min == 0.02 and d.ncsn.sigma_min == 0.02 and d.sde.beta_max == 15.0
+    assert d.score_matching.objective == "ssm_vr"
+    assert e.metrics.inception_weights == "/w/inception.pth" and e.metrics.clip_model == "ViT-B-16"
+    # sampler settings at their old defaults stay defaults; the others move to each sampler that used them
+    assert e.samplers == {"ddim": {"spacing": "trailing"}, "ddpm": {"spacing": "trailing"},
+                          "pc": {"snr": 0.2, "corrector": "none"}}
+    assert load_config(write(tmp_path, "eval:\n  sampler: iddpm\n", "b.yaml"), migrate_old=True).eval.sampler == "ddpm"
+
+
+def test_a_full_old_default_config_migrates_to_todays_defaults(tmp_path):
+    """Every config.yaml written before the move spelled out every key: read back it equals the
+    defaults, so a run started before the move resumes (record_config compares equal)."""
+    old_dump = {
+        "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "rescale_betas_zero_snr": False, "prediction_type": "v_prediction",
+                      "cond_drop_prob": 0.1, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "sigma_data": 0.5,
+                      "offset_noise": 0.0, "timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0,
+                      "learned_variance": False, "vlb_weight": 0.001, "formulation": "ddpm", "objective": "dsm",
+                      "sde_beta_min": 0.1, "sde_beta_max": 20.0, "sigma_min": 0.01, "sigma_max": 50.0,
+                      "num_scales": 232, "n_projections": 1, "t_eps": 1e-5},
+        "eval": {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "leading", "s_churn": 0.0,
+                 "pc_predictor": "reverse_diffusion", "pc_corrector": "langevin", "snr": 0.16, "n_corrector": 1,
+                 "langevin_steps_per_sigma": 5, "langevin_step_lr": 2e-5, "inception_weights": None,
+                 "fid_feature": 2048, "fid_resize": "tf1_bilinear", "fid_reference_dir": "{run}/eval/fid_reference",
+                 "kid_subset_size": 1000, "kid_subsets": 100, "clip_model": "ViT-B-32", "clip_weights": None,
+                 "guidance_scale": 3.0, "guidance_sweep": [], "seed": 0, "samples_per_prompt": 4, "batch_size": 64},
+    }
+    import yaml
+
+    path = write(tmp_path, yaml.safe_dump(old_dump))
+    assert load_config(path, migrate_old=True) == Config()

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ldm_train.diffusion.schedule import NoiseSchedule, make_betas
+from ldm_train.diffusion.losses.simple import hybrid_loss
 from ldm_train.diffusion.losses.vlb import (
     discretized_gaussian_log_likelihood,
-    hybrid_loss,
     model_log_variance,
     normal_kl,
     vlb_term,

@@ -12,8 +12,7 @@ from typing import Callable
 
 from ldm_train.config import DiffusionConfig
 from ldm_train.diffusion.losses.score import build_score_objective
-from ldm_train.diffusion.losses.simple import diffusion_loss
-from ldm_train.diffusion.losses.vlb import hybrid_loss
+from ldm_train.diffusion.losses.simple import diffusion_loss, hybrid_loss
 
 Objective = Callable[..., tuple]
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ldm_train.diffusion.guidance import Net as Denoiser
 from ldm_train.diffusion.guidance import drop_context
-from ldm_train.diffusion.parameterization import PredictionType, target
+from ldm_train.diffusion.losses.vlb import vlb_term
+from ldm_train.diffusion.parameterization import PredictionType, check_prediction, target
 from ldm_train.diffusion.schedule import NoiseSchedule
 Weighting = Literal["uniform", "min_snr", "edm"]
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -119,6 +120,7 @@ def diffusion_loss(
     timestep_sampling: TimestepSampling = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    vlb_weight: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One Monte-Carlo estimate of E_{t, ε} w(t) || target - denoiser(x_t, t, c) ||^2 (DDPM eq. 14).
 
@@ -135,6 +137,13 @@ def diffusion_loss(
     per-sample MSE, then averages over the batch), ``offset_noise`` (adds s·N(0,1) of shape
     [B, C, 1, ...] to ε, drawn after the drop mask), ``timestep_sampling``/``logit_mean``/``logit_std``
     (:func:`sample_timesteps`). The target is ε, v or x_0 ("sample").
+
+    ``vlb_weight`` = λ (Improved DDPM's learned variance, :func:`hybrid_loss`): ``denoiser`` returns
+    2C channels [mean output, v_var]; the loss above is L_simple of the mean channels, plus
+    λ L_vlb with L_vlb = T · L_t (bits/dim; :func:`..vlb.vlb_term`), the one-term uniform-t estimate
+    of Σ_t L_t, on the detached mean so it only trains the variance (sec. 3.1); ``stats`` then
+    also hold ``loss_simple`` and ``loss_vlb``. With T = 1000, λ = 0.001 this is ADM's
+    RESCALED_MSE hybrid (vb · T/1000).
     """
     if not 0.0 <= cond_drop_prob <= 1.0:
         raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
@@ -142,8 +151,10 @@ def diffusion_loss(
         raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if vlb_weight is not None:
+        check_prediction(prediction_type, schedule)  # L_vlb needs x̂_0: ε is ill-posed at zero terminal SNR
     _check_generator(generator, x0)
-    B, device = x0.shape[0], x0.device
+    B, C, device = x0.shape[0], x0.shape[1], x0.device
     t = sample_timesteps(B, schedule.num_train_timesteps, generator, device, timestep_sampling,
                          logit_mean, logit_std)
     eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -153,6 +164,9 @@ def diffusion_loss(
         eps = eps + offset_noise * torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, eps, t)  # DDPM eq. 4
     out = denoiser(x_t, t, drop_context(context, null_context, drop))
+    if vlb_weight is not None and out.shape[1] != 2 * C:
+        raise ValueError(f"learned variance needs 2*C = {2 * C} output channels, got {out.shape[1]}")
+    out, var_out = (out[:, :C], out[:, C:]) if vlb_weight is not None else (out, None)
     target_ = target(schedule, x0, eps, t, prediction_type)
     if weighting == "uniform":
         loss = F.mse_loss(out.float(), target_.float())
@@ -160,9 +174,16 @@ def diffusion_loss(
         per_sample = (out.float() - target_.float()).pow(2).flatten(1).mean(1)
         w = loss_weight(schedule, t, prediction_type, weighting, min_snr_gamma, sigma_data)
         loss = (w.to(per_sample.dtype) * per_sample).mean()
-    stats = {
-        "loss": loss.detach(),
-        "t_mean": t.float().mean(),
-        "cond_drop_frac": drop.float().mean(),
-    }
-    return loss, stats
+    stats = {"t_mean": t.float().mean(), "cond_drop_frac": drop.float().mean()}
+    if var_out is not None:  # stop-gradient on μ_θ: L_vlb only moves Σ_θ (Improved DDPM sec. 3.1)
+        vb = vlb_term(schedule, x0.float(), x_t.float(), t, out.detach().float(), var_out.float(), prediction_type)
+        loss_vlb = vb.mean() * schedule.num_train_timesteps
+        stats.update(loss_simple=loss.detach(), loss_vlb=loss_vlb.detach())
+        loss = loss + vlb_weight * loss_vlb
+    return loss, {"loss": loss.detach(), **stats}
+
+
+def hybrid_loss(*args, vlb_weight: float = 0.001, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_hybrid = L_simple + λ L_vlb (Improved DDPM eq. 16), λ = ``vlb_weight``: :func:`diffusion_loss`
+    with the learned-variance term (same arguments, same generator draws)."""
+    return diffusion_loss(*args, vlb_weight=vlb_weight, **kwargs)

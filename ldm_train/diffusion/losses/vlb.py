@@ -11,8 +11,8 @@ Code name                -> paper symbol
 ``vlb_term``             -> L_{t-1} = D_KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t ≥ 1 and
                             L_0 = -log p_θ(x_0|x_1) (discretised Gaussian, DDPM sec. 3.3) at t = 0,
                             both per sample in bits/dim (nats / log 2, averaged over dimensions)
-``hybrid_loss``          -> L_hybrid = L_simple + λ L_vlb, λ = 0.001 (Improved DDPM eq. 16), with
-                            stop-gradient on μ_θ inside L_vlb (sec. 3.1)
+L_hybrid = L_simple + λ L_vlb (Improved DDPM eq. 16) is ``losses.simple.diffusion_loss`` with
+``vlb_weight`` = λ (``hybrid_loss``), with stop-gradient on μ_θ inside L_vlb (sec. 3.1)
 
 Time indices follow :mod:`schedule`: 0-based t, so the code's t = 0 is the paper's t = 1 (L_0).
 """
@@ -21,11 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ldm_train.diffusion.guidance import drop_context
-from ldm_train.diffusion.losses.simple import Denoiser, _check_generator
-from ldm_train.diffusion.parameterization import PredictionType, check_prediction, predict, target
+from ldm_train.diffusion.parameterization import PredictionType, predict
 from ldm_train.diffusion.schedule import NoiseSchedule
 
 
@@ -109,53 +106,3 @@ def vlb_term(
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
     nll = nll.flatten(1).mean(1) / math.log(2.0)
     return torch.where(t.to(kl.device) == 0, nll, kl)
-
-
-def hybrid_loss(
-    denoiser: Denoiser,
-    x0: torch.Tensor,
-    context: torch.Tensor,
-    null_context: torch.Tensor,
-    schedule: NoiseSchedule,
-    prediction_type: PredictionType,
-    cond_drop_prob: float,
-    generator: torch.Generator | None = None,
-    *,
-    vlb_weight: float = 0.001,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_hybrid = L_simple + λ L_vlb (Improved DDPM eq. 16), λ = ``vlb_weight``.
-
-    ``denoiser`` returns 2C channels: [mean_out (ε, v or x_0), v]. Draws t, ε, drop mask from
-    ``generator`` in the same order as :func:`diffusion_loss`. L_simple is the MSE of mean_out on
-    its target; L_vlb = T · L_t(bits/dim) is the one-term uniform-t estimate of Σ_t L_t, computed
-    with mean_out detached so it only trains the variance (sec. 3.1). With T = 1000, λ = 0.001
-    this equals ADM's RESCALED_MSE hybrid (vb · T/1000).
-
-    Returns ``(loss, stats)`` with ``loss``, ``loss_simple``, ``loss_vlb``, ``t_mean``, ``cond_drop_frac``."""
-    if not 0.0 <= cond_drop_prob <= 1.0:
-        raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-    check_prediction(prediction_type, schedule)  # L_vlb needs x̂_0: ε is ill-posed at zero terminal SNR
-    _check_generator(generator, x0)
-    B, C, device = x0.shape[0], x0.shape[1], x0.device
-    T = schedule.num_train_timesteps
-    t = torch.randint(0, T, (B,), generator=generator, device=device)
-    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    drop = torch.rand(B, generator=generator, device=device) < cond_drop_prob
-    x_t = schedule.add_noise(x0, eps, t)  # DDPM eq. 4
-    out = denoiser(x_t, t, drop_context(context, null_context, drop))
-    if out.shape[1] != 2 * C:
-        raise ValueError(f"learned variance needs 2*C = {2 * C} output channels, got {out.shape[1]}")
-    mean_out, var_out = out[:, :C], out[:, C:]
-    loss_simple = F.mse_loss(mean_out.float(), target(schedule, x0, eps, t, prediction_type).float())
-    # stop-gradient on μ_θ: L_vlb only moves Σ_θ (Improved DDPM sec. 3.1)
-    vb = vlb_term(schedule, x0.float(), x_t.float(), t, mean_out.detach().float(), var_out.float(), prediction_type)
-    loss_vlb = vb.mean() * T
-    loss = loss_simple + vlb_weight * loss_vlb
-    stats = {
-        "loss": loss.detach(),
-        "loss_simple": loss_simple.detach(),
-        "loss_vlb": loss_vlb.detach(),
-        "t_mean": t.float().mean(),
-        "cond_drop_frac": drop.float().mean(),
-    }
-    return loss, stats
