@@ -4,7 +4,7 @@
 The project's answer to the DDIM paper's FID-vs-steps table (issue 4), measurable without a
 trained network: the target is a 2-D mixture of three anisotropic Gaussians (the one in
 ``tests/diffusion/test_exactness.py``) and each sampler calls its closed-form posterior mean
-(``ldm_train.diffusion.analytic``), so every deviation from the data is the sampler's own. Quality
+(``tests/diffusion/analytic.py``), so every deviation from the data is the sampler's own. Quality
 is the sliced 2-Wasserstein distance (256 directions) between ``--n`` samples and ``--n`` fresh
 data points; the same distance between two independent data samples is printed as the floor.
 
@@ -36,16 +36,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from ldm_train.diffusion import NoiseSchedule, ddim_sample, make_betas  # noqa: E402
-from ldm_train.diffusion.analytic import (  # noqa: E402
-    GaussianMixture,
-    as_discrete_model,
-    as_vp_score,
-    sliced_wasserstein,
-)
-from ldm_train.diffusion.langevin import annealed_langevin_sample  # noqa: E402
-from ldm_train.diffusion.score_losses import geometric_sigmas  # noqa: E402
-from ldm_train.diffusion.sde import VPSDE, pc_sample, probability_flow_sample  # noqa: E402
+from ldm_train.diffusion import NoiseSchedule, make_betas, sample  # noqa: E402
+from ldm_train.diffusion.guidance import guided  # noqa: E402
+from ldm_train.diffusion.parameterization import SDEScore  # noqa: E402
+from ldm_train.diffusion.samplers.karras import karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun  # noqa: E402
+from ldm_train.diffusion.samplers.langevin import sample_annealed_langevin  # noqa: E402
+from ldm_train.diffusion.samplers.sde import sample_pc, sample_pf_ode, sde_grid  # noqa: E402
+from ldm_train.diffusion.sdes import VPSDE, geometric_sigmas  # noqa: E402
+
+
+def _load_analytic():
+    """The closed-form mixture of the tests (test-only code, so loaded by path, not installed)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "diffusion" / "analytic.py"
+    spec = importlib.util.spec_from_file_location("_bench_samplers_analytic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_analytic = _load_analytic()
+GaussianMixture = _analytic.GaussianMixture
+as_discrete_model = _analytic.as_discrete_model
+as_vp_score = _analytic.as_vp_score
+sliced_wasserstein = _analytic.sliced_wasserstein
 
 F64 = torch.float64
 
@@ -70,12 +83,8 @@ class Counter:
         return self.fn(*args)
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(f"ldm_train.diffusion.{module}") is not None
-
-
 def build_samplers(gmm: GaussianMixture):
-    """name -> (steps_for(nfe), run(steps, noise, generator, counter_factory)) for what is installed."""
+    """name -> (steps_for(nfe), run(steps, noise, generator, counter_factory))."""
     sched = NoiseSchedule.from_betas(make_betas("linear", 1000))
     samplers = {}
 
@@ -83,45 +92,44 @@ def build_samplers(gmm: GaussianMixture):
         def run(steps, z, g):
             model = Counter(as_discrete_model(gmm, sched, "epsilon"))
             ctx = torch.zeros(z.shape[0], 1, 1, dtype=F64)
-            x = ddim_sample(model, z, ctx, None, sched, steps, eta=eta, generator=g, spacing="trailing")
+            x = sample("ddim", guided(model, ctx, None, 1.0), z, sched, steps, eta=eta, generator=g,
+                       spacing="trailing")
             return x, model.calls
         return run
 
     samplers["DDIM eta=0"] = (lambda nfe: nfe, ddim_run(0.0))
     samplers["DDIM eta=1"] = (lambda nfe: nfe, ddim_run(1.0))
-    if _has("ddpm"):
-        from ldm_train.diffusion.ddpm import ddpm_sample
 
-        def ddpm_run(steps, z, g):
-            model = Counter(as_discrete_model(gmm, sched, "epsilon"))
-            ctx = torch.zeros(z.shape[0], 1, 1, dtype=F64)
-            x = ddpm_sample(model, z, ctx, None, sched, steps, generator=g, spacing="trailing")
-            return x, model.calls
+    def ddpm_run(steps, z, g):
+        model = Counter(as_discrete_model(gmm, sched, "epsilon"))
+        ctx = torch.zeros(z.shape[0], 1, 1, dtype=F64)
+        x = sample("ddpm", guided(model, ctx, None, 1.0), z, sched, steps, generator=g, spacing="trailing")
+        return x, model.calls
 
-        samplers["DDPM"] = (lambda nfe: nfe, ddpm_run)
-    if _has("karras"):
-        from ldm_train.diffusion.karras import karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun
+    samplers["DDPM"] = (lambda nfe: nfe, ddpm_run)
 
-        def k_run(fn, stochastic):
-            def run(steps, z, g):
-                D = Counter(gmm.denoise)
-                sig = karras_sigmas(steps, 0.002, 80.0)
-                x = fn(D, 80.0 * z, sig, generator=g) if stochastic else fn(D, 80.0 * z, sig)
-                return x, D.calls
-            return run
+    def k_run(fn, stochastic):
+        def run(steps, z, g):
+            D = Counter(gmm.denoise)
+            sig = karras_sigmas(steps, 0.002, 80.0)
+            x = fn(D, 80.0 * z, sig, generator=g) if stochastic else fn(D, 80.0 * z, sig)
+            return x, D.calls
+        return run
 
-        samplers["Euler (EDM)"] = (lambda nfe: nfe, k_run(sample_euler, True))
-        samplers["Heun (EDM)"] = (lambda nfe: (nfe + 1) // 2, k_run(sample_heun, True))
-        samplers["DPM++(2M)"] = (lambda nfe: nfe, k_run(sample_dpmpp_2m, False))
+    samplers["Euler (EDM)"] = (lambda nfe: nfe, k_run(sample_euler, True))
+    samplers["Heun (EDM)"] = (lambda nfe: (nfe + 1) // 2, k_run(sample_heun, True))
+    samplers["DPM++(2M)"] = (lambda nfe: nfe, k_run(sample_dpmpp_2m, False))
     vp = VPSDE()
 
     def pf_run(steps, z, g):
         s = Counter(as_vp_score(gmm, vp))
-        return probability_flow_sample(s, vp, z, steps, "heun"), s.calls
+        return sample_pf_ode(SDEScore(s, vp), z, sde_grid(vp, steps), method="heun", final_denoise=False), s.calls
 
     def pc_run(steps, z, g):
         s = Counter(as_vp_score(gmm, vp))
-        return pc_sample(s, vp, z, steps, "reverse_diffusion", "langevin", generator=g), s.calls
+        x = sample_pc(SDEScore(s, vp), z, sde_grid(vp, steps), generator=g, predictor="reverse_diffusion",
+                      corrector="langevin")
+        return x, s.calls
 
     samplers["PF-ODE VP (Heun)"] = (lambda nfe: nfe // 2, pf_run)
     samplers["PC VP (RD+Langevin)"] = (lambda nfe: (nfe - 1) // 2, pc_run)
@@ -129,7 +137,7 @@ def build_samplers(gmm: GaussianMixture):
     def ald_run(levels, z, g):
         s = Counter(gmm.score)
         sigmas = geometric_sigmas(0.01, 10.0, levels, dtype=F64)
-        x = annealed_langevin_sample(s, sigmas, 10.0 * z, 2, 2e-5, g)
+        x = sample_annealed_langevin(s, 10.0 * z, sigmas, generator=g, steps_per_sigma=2, step_lr=2e-5)
         return x, s.calls
 
     samplers["Annealed Langevin"] = (lambda nfe: (nfe - 1) // 2 if nfe >= 5 else 0, ald_run)  # L >= 2

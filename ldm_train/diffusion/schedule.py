@@ -186,6 +186,7 @@ class NoiseSchedule:
         sa, s1a = self.coefs(t, x0)
         return sa * x0 + s1a * eps
 
+
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     """The schedule described by the ``diffusion`` config section."""
     rescale = cfg.rescale_betas_zero_snr

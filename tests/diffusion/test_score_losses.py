@@ -22,13 +22,13 @@ def _sample_mixture(n, g):
 
 def _mixture_score(x, var):
     """∇_x log Σ_k w_k N(x; μ_k, var·I) = Σ_k r_k(x) (μ_k - x)/var (r: responsibilities)."""
-    d = x[:, None, :] - MEANS[None]  # [N, K, 2]
-    r = torch.softmax(WEIGHTS.log() - d.pow(2).sum(-1) / (2 * var), dim=1)
+    d = x[:, None, :] - MEANS.to(x.dtype)[None]  # [N, K, 2]; in x's dtype (float64 x: float64 maths)
+    r = torch.softmax(WEIGHTS.to(x.dtype).log() - d.pow(2).sum(-1) / (2 * var), dim=1)
     return -(r[..., None] * d).sum(1) / var
 
 
 def test_mixture_score_helper_matches_autograd():
-    x = torch.randn(16, 2, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     comps = torch.distributions.MultivariateNormal(MEANS.double(), VAR * torch.eye(2, dtype=torch.float64))
     mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(WEIGHTS.double()), comps)
     (g,) = torch.autograd.grad(mix.log_prob(x).sum(), x)
