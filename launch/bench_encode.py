@@ -21,34 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ldm_train.autoencoder.vae import DTYPES, build_vae, encode_posterior, load_vae  # noqa: E402
-from ldm_train.config import AutoencoderConfig, LatentsConfig, TextConfig  # noqa: E402
-from ldm_train.data.shards import preprocess, write_shards  # noqa: E402
-from ldm_train.latents.encode import Encoders, encode_split  # noqa: E402
-from ldm_train.text.encoder import prepare_text_encoder  # noqa: E402
-
-# SD 1.x/2.x AutoencoderKL architecture (83.7 M parameters), random init: same compute as the real one
-SD_VAE = AutoencoderConfig(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+from bench_common import SD15_CONFIG, run_and_report, sync
+from ldm_train.autoencoder.vae import DTYPES, build_vae, encode_posterior, load_vae
+from ldm_train.config import AutoencoderConfig, LatentsConfig, TextConfig, load_config
+from ldm_train.data.shards import preprocess, write_shards
+from ldm_train.latents.encode import Encoders, encode_split
+from ldm_train.text.encoder import prepare_text_encoder
 
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--vae", choices=["demo", "sd"], default="demo", help="demo: the project's default VAE; sd: SD's architecture")
+    p.add_argument("--vae", choices=["demo", "sd"], default="demo",
+                   help="demo: the project's default VAE; sd: SD's architecture (configs/sd15.yaml), random init")
     p.add_argument("--vae-path", default=None, help="a diffusers AutoencoderKL folder instead of --vae")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autoencoder dtype")
     p.add_argument("--res", type=int, default=64, help="training resolution (images are stored 25%% larger, so resized)")
@@ -57,11 +49,6 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=128, help="images per input shard")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _images(n: int, size: int, seed: int = 0):
@@ -74,10 +61,10 @@ def _images(n: int, size: int, seed: int = 0):
 
 
 def _timed(fn, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -90,7 +77,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         vae = load_vae(args.vae_path, args.dtype).to(device)
     else:
         torch.manual_seed(0)
-        vae = build_vae(SD_VAE if args.vae == "sd" else AutoencoderConfig()).to(device, DTYPES[args.dtype]).eval()
+        vae_cfg = load_config(SD15_CONFIG).autoencoder if args.vae == "sd" else AutoencoderConfig()
+        vae = build_vae(vae_cfg).to(device, DTYPES[args.dtype]).eval()
     text = prepare_text_encoder(TextConfig(), tmp / "text").to(device)
     pixels = torch.stack([preprocess(im, args.res) for _, im, _, _ in samples]).to(device)
     captions = [c for _, _, c, _ in samples]
@@ -125,17 +113,7 @@ def table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
-    try:
-        result = run(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return run_and_report(run, table, _parse(argv), prefix="bench_encode_")
 
 
 if __name__ == "__main__":

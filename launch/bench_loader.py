@@ -2,8 +2,9 @@
 """Latent-loader throughput against the training step rate it has to feed.
 
 A benchmark, not a test. For each U-Net config (``tiny`` = the project's default model and
-latents, 64 px; ``sd15`` = Stable Diffusion 1.5's U-Net, 860 M parameters, 256 px latents and
-77 x 768 CLIP contexts) it
+latents, 64 px; ``sd15`` = Stable Diffusion 1.5's U-Net from configs/sd15.yaml, 860 M parameters,
+256 px latents and 77 x 768 CLIP contexts; or a config file's path: its model section at the sd15
+sizes) it
 
 1. writes a synthetic latent cache of that config's shapes (fp16 mean, std, context);
 2. measures :class:`ldm_train.latents.loader.LatentLoader` with each worker count in
@@ -21,38 +22,30 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
-    sys.path.insert(0, str(REPO))
+import torch
+from webdataset import TarWriter
 
-import torch  # noqa: E402
-from webdataset import TarWriter  # noqa: E402
+from bench_common import SD15_CONFIG, preset, preset_arg, run_and_report, sync
+from ldm_train.config import ModelConfig
+from ldm_train.latents.cache import pack_sample, write_manifest
+from ldm_train.latents.loader import LatentLoader
+from ldm_train.model.unet import build_unet
 
-from ldm_train.config import ModelConfig  # noqa: E402
-from ldm_train.latents.cache import pack_sample, write_manifest  # noqa: E402
-from ldm_train.latents.loader import LatentLoader  # noqa: E402
-from ldm_train.model.unet import build_unet  # noqa: E402
-
-SD15 = ModelConfig(block_out_channels=[320, 640, 1280, 1280], attention_levels=[True, True, True, False],
-                   layers_per_block=2, attention_head_dim=40, cross_attention_dim=768, norm_num_groups=32,
-                   num_attention_heads=[8, 8, 8, 8])
-CONFIGS = {  # model, latent [C, h, w], context [L, D]
-    "tiny": (ModelConfig(), [4, 16, 16], [32, 128]),
-    "sd15": (SD15, [4, 32, 32], [77, 768]),
+# Latents [in_channels, res, res], contexts [context_len, cross_attention_dim].
+CONFIGS = {
+    "tiny": dict(model={}, res=16, context_len=32),  # the defaults
+    "sd15": dict(model=SD15_CONFIG, res=32, context_len=77),
 }
 
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--configs", default="tiny,sd15")
+    p.add_argument("--configs", type=preset_arg(CONFIGS, many=True), default="tiny,sd15",
+                   help="comma list of tiny, sd15 or config files (default: %(default)s)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     p.add_argument("--samples", type=int, default=2048, help="samples in each synthetic cache")
     p.add_argument("--shard-size", type=int, default=256)
@@ -109,13 +102,11 @@ def step_rate(cfg: ModelConfig, latent: list[int], context: list[int], batch: in
 
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     rate = steps / (time.perf_counter() - t0)
     del model, opt
     return rate
@@ -125,10 +116,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",")]
     results = {"device": str(device), "torch_threads": torch.get_num_threads(), "configs": {}}
-    for name in args.configs.split(","):
-        model_cfg, latent, context = CONFIGS[name]
+    for name in args.configs:
+        chosen = preset(name, CONFIGS)
+        model_cfg = chosen["model"]
+        latent = [model_cfg.in_channels, chosen["res"], chosen["res"]]
+        context = [chosen["context_len"], model_cfg.cross_attention_dim]
         batch = args.tiny_batch if name == "tiny" else args.sd15_batch
-        folder = tmp / name
+        folder = tmp / f"config{len(results['configs'])}"
         write_cache(folder, args.samples, args.shard_size, latent, context)
         rates = {w: loader_rate(folder, batch, w, args.seconds) for w in workers}
         n_steps, warmup = (args.steps, 1) if name == "tiny" else (args.sd15_steps, args.sd15_warmup)
@@ -153,17 +147,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
-    try:
-        result = run(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return run_and_report(run, table, _parse(argv), prefix="bench_loader_")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 diffusers' SD-1.5 U-Net on one H200 in bf16 at 512 px, batch 16, 50 steps: 3.37 img/s.
 
 Weights are random (the speed does not depend on them); the SD-1.5 preset is the real
-architecture (859.5 M-parameter U-Net, SD's 83.7 M-parameter VAE decoder, 77 tokens of 768).
+architecture (configs/sd15.yaml: 859.5 M-parameter U-Net, SD's 83.7 M-parameter VAE decoder; 77
+tokens of 768). ``--config`` also takes a config file's path: its model and autoencoder sections
+at the sd15 sizes.
 
     python launch/bench_sampling.py                                   # tiny, CPU, seconds
     python launch/bench_sampling.py --config sd15 --device cuda --dtype bf16 --batch 16 --steps 50
@@ -12,41 +14,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench_common import SD15_CONFIG, preset, preset_arg
 
 ANCHOR_IMG_S = 3.37  # diffusers SD-1.5 U-Net, H200, bf16, 512 px, batch 16, 50 DDIM steps with CFG
+# Latents [in_channels, res, res] (res = image px / 8), contexts [context_len, cross_attention_dim];
+# sd15 (and a config file) give the model and autoencoder sections.
 PRESETS = {
     "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
-                            cross_attention_dim=32, norm_num_groups=8), vae=[8, 16], latent=[4, 8, 8], context=[16, 32]),
-    "sd15": dict(model=dict(block_out_channels=[320, 640, 1280, 1280], attention_levels=[True, True, True, False],
-                            layers_per_block=2, num_attention_heads=[8, 8, 8, 8], attention_head_dim=40,
-                            cross_attention_dim=768), vae=[128, 256, 512, 512], latent=[4, 64, 64], context=[77, 768]),
+                            cross_attention_dim=32, norm_num_groups=8),
+                 vae=dict(block_out_channels=[8, 16], layers_per_block=2, norm_num_groups=8), res=8, context_len=16),
+    "sd15": dict(model=SD15_CONFIG, res=64, context_len=77),
 }
 
 
-def build(preset: dict, device, dtype):
-    from diffusers import AutoencoderKL
-
-    from ldm_train.config import ModelConfig
+def build(chosen: dict, device, dtype):
+    """The U-Net and the VAE (random init, eval, no gradients), and the latent and context shapes."""
+    from ldm_train.autoencoder.vae import build_vae
+    from ldm_train.config import AutoencoderConfig, load_config
     from ldm_train.model import build_unet
 
-    unet = build_unet(ModelConfig(**preset["model"])).to(device, dtype).eval()
-    levels = len(preset["vae"])
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-                        block_out_channels=tuple(preset["vae"]), layers_per_block=2, latent_channels=4,
-                        norm_num_groups=min(32, preset["vae"][0]), scaling_factor=0.18215)
-    return unet, vae.to(device, dtype).eval().requires_grad_(False)
+    cfg = chosen["model"]
+    unet = build_unet(cfg).to(device, dtype).eval()
+    vae_cfg = AutoencoderConfig(**chosen["vae"]) if "vae" in chosen else load_config(chosen["model_file"]).autoencoder
+    vae = build_vae(vae_cfg).to(device, dtype).eval().requires_grad_(False)
+    latent = [cfg.in_channels, chosen["res"], chosen["res"]]
+    return unet, vae, latent, [chosen["context_len"], cfg.cross_attention_dim]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--config", type=preset_arg(PRESETS), default="tiny", metavar="{tiny,sd15,FILE}",
+                   help="sd15: configs/sd15.yaml; FILE: a config file at the sd15 sizes (default: tiny)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--batch", type=int, default=4)
@@ -62,15 +63,15 @@ def main() -> None:
     from ldm_train.config import DiffusionConfig, EvalConfig
     from ldm_train.diffusion import sample_from_config
 
-    preset = PRESETS[args.config]
     torch_device = torch.device(args.device)
-    unet, vae = build(preset, torch_device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    unet, vae, latent, context_shape = build(preset(args.config, PRESETS), torch_device, dtype)
     diffusion = DiffusionConfig(prediction_type="epsilon")
     eval_cfg = EvalConfig(sampler="ddim", steps=args.steps, guidance_scale=args.guidance)
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(args.batch, *preset["latent"], generator=g).to(torch_device)
-    context = torch.randn(args.batch, *preset["context"], generator=g).to(torch_device)
-    null = torch.zeros(preset["context"]).to(torch_device)
+    noise = torch.randn(args.batch, *latent, generator=g).to(torch_device)
+    context = torch.randn(args.batch, *context_shape, generator=g).to(torch_device)
+    null = torch.zeros(context_shape).to(torch_device)
 
     def sync():
         if torch_device.type == "cuda":

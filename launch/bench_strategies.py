@@ -11,7 +11,8 @@ stores, peak memory (GPU, or CPU RSS), and MFU where the device's peak is known.
     python launch/bench_strategies.py --configs sd15 --strategies zero2 --nproc 1 --dtype bf16 --batch 16
 
 ``tiny`` is configs/micro.yaml's U-Net (8x8 latents), ``mid`` the demo's (16x16), ``sd15``
-Stable Diffusion 1.5's (32x32 latents = 256 px, 77 tokens of 768; a GPU config).
+Stable Diffusion 1.5's from configs/sd15.yaml (32x32 latents = 256 px, 77 tokens of 768; a GPU
+config). A config file's path also works: its model section at the sd15 sizes.
 """
 from __future__ import annotations
 
@@ -23,17 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without an install
-    sys.path.insert(0, str(REPO))
+from bench_common import SD15_CONFIG, preset, preset_arg, write_json
 
+# Latents [in_channels, res, res], contexts [context_len, cross_attention_dim].
 PRESETS = {
     "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
-                            cross_attention_dim=32, norm_num_groups=8), latent=[4, 8, 8], context=[16, 32], batch=8),
-    "mid": dict(model={}, latent=[4, 16, 16], context=[32, 128], batch=16),
-    "sd15": dict(model=dict(block_out_channels=[320, 640, 1280, 1280], attention_levels=[True, True, True, False],
-                            layers_per_block=2, num_attention_heads=[8, 8, 8, 8], attention_head_dim=40,
-                            cross_attention_dim=768), latent=[4, 32, 32], context=[77, 768], batch=16),
+                            cross_attention_dim=32, norm_num_groups=8), res=8, context_len=16, batch=8),
+    "mid": dict(model={}, res=16, context_len=32, batch=16),
+    "sd15": dict(model=SD15_CONFIG, res=32, context_len=77, batch=16),
 }
 
 
@@ -41,26 +39,28 @@ def worker(args) -> None:
     """One rank (under torchrun): train, then write this rank's report."""
     import torch
 
-    from ldm_train.config import DistributedConfig, ModelConfig, TrainConfig, DiffusionConfig
+    from ldm_train.config import DistributedConfig, TrainConfig, DiffusionConfig
     from ldm_train.latents.cache import LatentData
     from ldm_train.train.loop import train_denoiser
     from ldm_train.train.strategy import make_accelerator
     from ldm_train.utils.runs import MetricsLog
 
-    preset = PRESETS[args.config]
-    batch = args.batch or preset["batch"]
+    chosen = preset(args.config, PRESETS)
+    model_cfg = chosen["model"]
+    latent = [model_cfg.in_channels, chosen["res"], chosen["res"]]
+    context = [chosen["context_len"], model_cfg.cross_attention_dim]
+    batch = args.batch or chosen["batch"]
     n = 256
     g = torch.Generator().manual_seed(0)
     data = LatentData(
-        torch.randn(n, *preset["latent"], generator=g).half(), torch.full((n, *preset["latent"]), 0.1).half(),
-        torch.randn(n, *preset["context"], generator=g).half(), [""] * n, [str(i) for i in range(n)],
-        torch.zeros(preset["context"]).half(), {"scaling_factor": 1.0, "shift_factor": 0.0, "latent_shape": preset["latent"]},
+        torch.randn(n, *latent, generator=g).half(), torch.full((n, *latent), 0.1).half(),
+        torch.randn(n, *context, generator=g).half(), [""] * n, [str(i) for i in range(n)],
+        torch.zeros(context).half(), {"scaling_factor": 1.0, "shift_factor": 0.0, "latent_shape": latent},
     )
     dist_cfg = DistributedConfig(strategy=args.strategy, mixed_precision=args.dtype, cpu=args.device == "cpu")
     total = args.warmup + args.steps
     train_cfg = TrainConfig(steps=total, batch_size=batch, warmup_steps=1, log_every=1, checkpoint_every=10**9,
                             tensorboard=False, watchdog_seconds=0)
-    model_cfg = ModelConfig(**preset["model"])
     acc = make_accelerator(dist_cfg, train_cfg)
     run = Path(args.run)
     model, ema, _ = train_denoiser(model_cfg, DiffusionConfig(), train_cfg, acc, data, run, 0,
@@ -92,7 +92,7 @@ def measure(config: str, strategy: str, args) -> dict:
         recs = [json.loads(line) for line in (Path(tmp) / "metrics-0.jsonl").read_text().splitlines()]
         timed = [r for r in recs if r.get("stage") == "train" and r["step"] >= args.warmup]
         seconds = sum(r["step_time"] for r in timed)
-        batch = args.batch or PRESETS[config]["batch"]
+        batch = args.batch or preset(config, PRESETS)["batch"]
         ranks = [json.loads((Path(tmp) / f"report-{i}.json").read_text()) for i in range(args.nproc)]
         out = {
             "config": config, "strategy": strategy, "processes": args.nproc, "batch_per_rank": batch,
@@ -109,7 +109,8 @@ def measure(config: str, strategy: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="tiny,mid", help="comma list of: " + ", ".join(PRESETS))
+    p.add_argument("--configs", type=preset_arg(PRESETS, many=True), default="tiny,mid",
+                   help="comma list of: " + ", ".join(PRESETS) + " or config files (default: tiny,mid)")
     p.add_argument("--strategies", default="ddp,zero2,zero3", help="comma list of ddp, zero1, zero2, zero3")
     p.add_argument("--nproc", type=int, default=2, help="processes (default: 2)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
@@ -125,20 +126,19 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    rows = [measure(c, s, args) for c in args.configs.split(",") for s in args.strategies.split(",")]
+    rows = [measure(c, s, args) for c in args.configs for s in args.strategies.split(",")]
     cols = ["config", "strategy", "processes", "batch_per_rank", "img_per_s", "ema_mib_per_rank", "full_ema_mib",
             "param_fraction_per_rank", "peak_mem_gib", "mfu"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols) if "error" not in r else f"{r['config']} {r['strategy']}: FAILED {r['error']}")
-    for config in args.configs.split(","):
+    for config in args.configs:
         base = next((r for r in rows if r["config"] == config and r["strategy"] == "ddp" and "error" not in r), None)
         for r in rows:
             if base and r["config"] == config and r is not base and "error" not in r:
                 print(f"{config}: {r['strategy']} / ddp img/s = {r['img_per_s'] / base['img_per_s']:.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

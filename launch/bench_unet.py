@@ -3,16 +3,17 @@
 
 A benchmark, not a test: it prints a table and (with ``--json``) writes the numbers; nothing
 here asserts on speed. Both models are built from one ``ModelConfig`` (ours through
-``build_unet``, diffusers' through ``ldm_train.model.convert.diffusers_config_from_model``, or a
-local SD1-style fallback while that module is missing), then diffusers' model loads our state
-dict (the names and shapes match, which is checked), so both start from identical weights and
-see identical inputs (latents, integer timesteps, text context, target; fixed seed).
+``build_unet``, diffusers' through ``ldm_train.model.diffusers_config_from_model``), then
+diffusers' model loads our state dict (the names and shapes match, which is checked), so both
+start from identical weights and see identical inputs (latents, integer timesteps, text context,
+target; fixed seed). ``--config``: a preset (tiny, small, or sd15 = configs/sd15.yaml's model
+section) or the path of any config file, whose model section is used at the sd15 sizes.
 
 One training step = forward (optionally under bf16 autocast; weights stay fp32), MSE loss,
-backward, AdamW step (fused where the build supports it), ``zero_grad(set_to_none=True)``, as in
-``ldm_train.train.loop``. Steps alternate between the models, ABBA (ours first on even reps,
-diffusers first on odd ones) so neither always runs right after the other; each rep gives a
-paired ratio diffusers_time / ours_time (> 1: ours is faster).
+backward, AdamW step (fused, or foreach with ``--no-fused``), ``zero_grad(set_to_none=True)``,
+as in ``ldm_train.train.loop``. Steps alternate between the models, ABBA (ours first on even
+reps, diffusers first on odd ones) so neither always runs right after the other; each rep gives
+a paired ratio diffusers_time / ours_time (> 1: ours is faster).
 
 On CUDA it also reports peak memory per model (the other model's resident weights and
 optimizer state subtracted), FLOPs of one forward+backward counted once outside timing with
@@ -24,6 +25,7 @@ Examples::
     python launch/bench_unet.py --config tiny --device cpu --reps 2 --warmup 1
     python launch/bench_unet.py --config small --reps 10 --json runs/bench/small.json
     python launch/bench_unet.py --config sd15 --device cuda --dtype bf16 --batch 64 --compile --channels-last
+    python launch/bench_unet.py --config configs/micro.yaml --device cpu --batch 2 --res 8 --context-len 8
     python launch/bench_unet.py --report runs/gpu_bench/*.json     # one table from earlier runs
 
 ``launch/gpu_bench_unet.sh`` is the prepared GPU run (H200); it says how to carry diffusers.
@@ -42,9 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (the GPU box has no install)
-    sys.path.insert(0, str(REPO))
+from bench_common import SD15_CONFIG, preset, preset_arg, sync, write_json
 
 MISSING_DIFFUSERS = (
     "bench_unet: diffusers is not importable ({err}).\n"
@@ -52,8 +52,7 @@ MISSING_DIFFUSERS = (
 )
 
 # --- configs ----------------------------------------------------------------------------------
-# Keys of the ``model`` config section. ``num_attention_heads`` (heads per level, diffusers'
-# SD1-era ``attention_head_dim``) is used only when ModelConfig has it; see _model_config.
+# ``model``: keys of the ``model`` config section, or a config file whose model section is used.
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on one CPU core: the subprocess test's config.
     "tiny": dict(
@@ -69,128 +68,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                    cross_attention_dim=128, norm_num_groups=32),
         batch=8, res=32, context_len=77,
     ),
-    # Stable Diffusion 1.5's U-Net (859.5 M parameters): 8 heads at every level, so the head
-    # width is 40/80/160; 77 CLIP ViT-L tokens of width 768. 32x32 latents = 256 px images.
-    "sd15": dict(
-        model=dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                   attention_levels=[True, True, True, False], layers_per_block=2, attention_head_dim=40,
-                   cross_attention_dim=768, norm_num_groups=32),
-        heads_per_level=8,
-        batch=64, res=32, context_len=77,
-    ),
+    # Stable Diffusion 1.5's U-Net (859.5 M parameters) from configs/sd15.yaml; 77 CLIP ViT-L
+    # tokens of width 768. 32x32 latents = 256 px images.
+    "sd15": dict(model=SD15_CONFIG, batch=64, res=32, context_len=77),
 }
-
-
-def _model_config(preset: dict, grad_ckpt: bool):
-    """The ModelConfig for a preset, using the newer keys only where ModelConfig has them.
-
-    Returns (cfg, notes): notes say what had to be approximated."""
-    from ldm_train.config import ModelConfig
-
-    fields = ModelConfig.model_fields
-    base = dict(preset["model"])
-    notes: list[str] = []
-    heads = preset.get("heads_per_level")
-    if heads is not None:
-        if "num_attention_heads" in fields:
-            n = len(base["block_out_channels"])
-            for candidate in (heads, [heads] * n):  # int or per-level list, whichever the field takes
-                try:
-                    ModelConfig(**base, num_attention_heads=candidate)
-                except Exception:  # noqa: BLE001 - pydantic refuses the form; try the next one
-                    continue
-                base["num_attention_heads"] = candidate
-                break
-            else:
-                notes.append(f"ModelConfig.num_attention_heads refused {heads} and [{heads}]*{n}; "
-                             "heads = channels // attention_head_dim instead")
-        else:
-            heads_used = [c // base["attention_head_dim"] for c in base["block_out_channels"]]
-            notes.append(f"ModelConfig has no num_attention_heads yet: heads per level {heads_used} "
-                         f"(channels // {base['attention_head_dim']}) in both models instead of SD's {heads}; "
-                         "same parameters, same FLOPs except attention kernel shapes")
-    if grad_ckpt and "gradient_checkpointing" in fields:
-        base["gradient_checkpointing"] = True
-    return ModelConfig(**base), notes
-
-
-def _fallback_diffusers_config(cfg) -> dict:
-    """SD1-style UNet2DConditionModel config for our ModelConfig (conv projections, one
-    transformer block per attention). diffusers' SD1-era ``attention_head_dim`` is the head count."""
-    chs, levels = list(cfg.block_out_channels), list(cfg.attention_levels)
-    heads = getattr(cfg, "num_attention_heads", None)
-    if heads is None:
-        heads = [max(1, c // cfg.attention_head_dim) for c in chs]
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in levels[::-1]],
-        block_out_channels=chs,
-        layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        attention_head_dim=heads if isinstance(heads, int) else list(heads),
-        act_fn="silu",
-        dropout=cfg.dropout,
-        norm_eps=getattr(cfg, "norm_eps", 1e-5),
-        transformer_layers_per_block=getattr(cfg, "transformer_layers_per_block", 1),
-        use_linear_projection=getattr(cfg, "use_linear_projection", False),
-        flip_sin_to_cos=getattr(cfg, "flip_sin_to_cos", True),
-        freq_shift=getattr(cfg, "freq_shift", 0),
-        upcast_attention=getattr(cfg, "upcast_attention", False),
-        num_class_embeds=getattr(cfg, "num_class_embeds", None),
-    )
-
-
-def diffusers_config_for(cfg) -> tuple[dict, str]:
-    """(config dict, where it came from): the project's converter when it exists."""
-    try:
-        from ldm_train.model.convert import diffusers_config_from_model
-    except ImportError:
-        return _fallback_diffusers_config(cfg), "bench_unet fallback (ldm_train.model.convert missing)"
-    return dict(diffusers_config_from_model(cfg)), "ldm_train.model.convert.diffusers_config_from_model"
 
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _summary(xs: list[float]) -> dict:
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "all": xs}
-
-
-def _wrap_checkpoint(model) -> int:
-    """Activation checkpointing at diffusers' granularity (each resnet and each transformer
-    block), for when our ModelConfig has no ``gradient_checkpointing`` yet. Returns how many."""
-    import torch.utils.checkpoint as ckpt
-
-    n = 0
-    for module in model.modules():
-        if type(module).__name__ not in ("ResnetBlock2D", "BasicTransformerBlock"):
-            continue
-        inner = module.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            import torch
-
-            if torch.is_grad_enabled():
-                return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        module.forward = forward
-        n += 1
-    return n
-
-
-def _ours_uses_checkpointing(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def matmul_peak_tflops(device, n: int = 8192, reps: int = 10) -> float:
@@ -264,10 +151,10 @@ class Runner:
         return loss.detach()
 
     def timed_step(self) -> float:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         loss = self.step()
-        _sync(self.device)
+        sync(self.device)
         dt = time.perf_counter() - t0
         self.losses.append(loss)
         return dt
@@ -292,8 +179,9 @@ def _parse(argv=None) -> argparse.Namespace:
                     "(same config, same weights, same inputs). Ratio = diffusers_time / ours_time: > 1 means ours is faster.",
         epilog="GPU: launch/gpu_bench_unet.sh runs the prepared H200 comparison.",
     )
-    p.add_argument("--config", choices=sorted(PRESETS), default="small",
+    p.add_argument("--config", type=preset_arg(PRESETS), default="small", metavar="{tiny,small,sd15,FILE}",
                    help="tiny: seconds on CPU; small: SD-like at CPU size; sd15: Stable Diffusion 1.5's U-Net "
+                        "(configs/sd15.yaml); FILE: a config file's model section at the sd15 sizes "
                         "(default: %(default)s)")
     p.add_argument("--batch", type=int, help="batch size (default: the preset's: tiny 2, small 8, sd15 64)")
     p.add_argument("--res", type=int, help="latent height = width (default: tiny 8, small 32, sd15 32 = 256 px)")
@@ -330,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ldm_train.config import TrainConfig
-    from ldm_train.model import build_unet
+    from ldm_train.model import build_unet, diffusers_config_from_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -344,12 +232,14 @@ def run(args: argparse.Namespace) -> dict:
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # both models; conv algorithm picked during warm-up
 
-    preset = PRESETS[args.config]
-    batch, res = args.batch or preset["batch"], args.res or preset["res"]
-    ctx_len = args.context_len or preset["context_len"]
+    chosen = preset(args.config, PRESETS)
+    batch, res = args.batch or chosen["batch"], args.res or chosen["res"]
+    ctx_len = args.context_len or chosen["context_len"]
     train_cfg = TrainConfig(compile=args.compile, channels_last=args.channels_last, fused_optimizer=not args.no_fused)
-    cfg, notes = _model_config(preset, args.grad_ckpt)
-    dcfg, dcfg_source = diffusers_config_for(cfg)
+    cfg = chosen["model"]
+    if args.grad_ckpt:
+        cfg = cfg.model_copy(update={"gradient_checkpointing": True})
+    dcfg = diffusers_config_from_model(cfg)
 
     # Same weights: ours is initialised from the seed, diffusers' loads our state dict.
     t_build = time.perf_counter()
@@ -365,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
         only_theirs = sorted(set(their_shapes) - set(ours_shapes))[:5]
         shape_diff = [k for k in ours_shapes.keys() & their_shapes.keys() if ours_shapes[k] != their_shapes[k]][:5]
         sys.exit(f"bench_unet: state dicts differ: only ours {only_ours}, only diffusers {only_theirs}, "
-                 f"shapes {shape_diff} (diffusers config from {dcfg_source})")
+                 f"shapes {shape_diff}")
     theirs.load_state_dict(ours_sd, strict=True)
     del ours_sd, their_sd
     build_s = time.perf_counter() - t_build
@@ -373,12 +263,7 @@ def run(args: argparse.Namespace) -> dict:
     ckpt_mode = None
     if args.grad_ckpt:
         theirs.enable_gradient_checkpointing()
-        if _ours_uses_checkpointing(ours) or getattr(cfg, "gradient_checkpointing", False):
-            ckpt_mode = "ModelConfig.gradient_checkpointing"
-        else:
-            ckpt_mode = f"bench_unet wrapper ({_wrap_checkpoint(ours)} resnet/transformer blocks)"
-            notes.append("ours: ModelConfig has no gradient_checkpointing yet; checkpointing each "
-                         "ResnetBlock2D/BasicTransformerBlock from the benchmark (diffusers' granularity)")
+        ckpt_mode = "ModelConfig.gradient_checkpointing (each down/mid/up block)"
 
     ours.train()
     theirs.train()
@@ -395,17 +280,14 @@ def run(args: argparse.Namespace) -> dict:
     x = x.to(device).contiguous(memory_format=fmt)
     inputs = (x, t.to(device), ctx.to(device), target.to(device).contiguous(memory_format=fmt))
 
-    def make_opt(model):
-        kw = dict(lr=1e-4, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
-        if train_cfg.fused_optimizer:
-            try:
-                return torch.optim.AdamW(model.parameters(), fused=True, **kw), "AdamW(fused=True)"
-            except (RuntimeError, ValueError) as e:  # no fused kernel for this device/dtype
-                notes.append(f"fused AdamW unavailable ({e}); foreach used")
-        return torch.optim.AdamW(model.parameters(), foreach=True, **kw), "AdamW(foreach=True)"
+    kernel = "fused" if train_cfg.fused_optimizer else "foreach"  # as ldm_train.train.loop: no fallback
+    opt_name = f"AdamW({kernel}=True)"
 
-    opt_ours, opt_name = make_opt(ours)
-    opt_theirs, _ = make_opt(theirs)
+    def make_opt(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(train_cfg.betas),
+                                 weight_decay=train_cfg.weight_decay, **{kernel: True})
+
+    opt_ours, opt_theirs = make_opt(ours), make_opt(theirs)
 
     def ours_eager(s, ts, c):
         return ours(s, ts, c)
@@ -499,9 +381,8 @@ def run(args: argparse.Namespace) -> dict:
         "what": "unet_train_step",
         "config": args.config,
         "model_config": cfg.model_dump(),
+        "model_config_file": chosen.get("model_file"),
         "diffusers_config": dcfg,
-        "diffusers_config_source": dcfg_source,
-        "notes": notes,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -583,8 +464,8 @@ def header(res: dict) -> str:
     lines = [
         f"U-Net training step, ours vs diffusers {res['diffusers']} (torch {res['torch']}) on "
         f"{res['device']} [{res['device_name']}], {res['threads']} CPU threads",
-        f"config {res['config']}: {json.dumps(res['model_config'])}",
-        f"diffusers config from {res['diffusers_config_source']}",
+        f"config {res['config']}{' (' + res['model_config_file'] + ')' if res.get('model_config_file') else ''}: "
+        f"{json.dumps(res['model_config'])}",
         f"batch {res['batch']}, latents {res['res']}x{res['res']}, context {res['context_len']} tokens, {res['dtype']}"
         f"{' autocast' if res['dtype'] == 'bf16' else ''}, {res['optimizer']}, compile={res['compile']}, "
         f"channels_last={res['channels_last']}, grad_ckpt={res['grad_ckpt']}"
@@ -596,7 +477,6 @@ def header(res: dict) -> str:
     ]
     if res.get("matmul_bf16_peak_tflops"):
         lines.append(f"bf16 matmul peak (8192^3, best of 10): {res['matmul_bf16_peak_tflops']:.1f} TFLOP/s")
-    lines += [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
 
 
@@ -620,10 +500,7 @@ def main(argv=None) -> int:
     print(header(res))
     print(table([res]))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.json, res, indent=1)}")
     return 0
 
 

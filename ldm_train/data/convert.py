@@ -9,7 +9,6 @@ files. Every input that is not written is counted by reason; inputs that cannot 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import ConvertDataConfig
-from .emoji import is_val
+from .holdout import route
 from .shards import DataError, EncodedImage, ShardWriter, SkipReport, check_failed_shards, safe_key
 
 log = logging.getLogger(__name__)
@@ -54,21 +53,10 @@ def folder_key(rel: str) -> str:
 
 
 def split_samples(samples: Iterable[Sample], fraction: float, train: ShardWriter, val: ShardWriter) -> None:
-    """Validation = a stable hash of the key (``emoji.is_val``, as the emoji set). So that val/ is
-    never empty on small inputs, the lowest-hash train candidate is held back (one sample in
-    memory) and goes to val/ at the end if nothing else did, else to train/."""
-    held, held_hash = None, b""
-    for sample in samples:
-        if is_val(sample[0], fraction):
-            val.write(*sample)
-            continue
-        digest = hashlib.sha1(sample[0].encode("utf-8")).digest()
-        if fraction > 0 and (held is None or digest < held_hash):
-            sample, held, held_hash = held, sample, digest
-        if sample is not None:
-            train.write(*sample)
-    if held is not None:
-        (val if val.count == 0 and train.count > 0 else train).write(*held)
+    """Validation = a stable hash of the key, as the emoji set (:func:`~.holdout.route`: never an
+    empty val/ on small inputs, one sample held in memory)."""
+    for to_val, sample in route(samples, fraction):
+        (val if to_val else train).write(*sample)
 
 
 def _check_caption(caption: str, allow_empty: bool) -> tuple[str, str | None]:

@@ -6,7 +6,6 @@ rest of the pipeline cannot tell it from downloaded data.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -17,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_train.config import EmojiDataConfig
+from ldm_train.data.holdout import route
 from ldm_train.data.shards import DataError, write_shards
 
 log = logging.getLogger(__name__)
@@ -112,23 +112,13 @@ def render_emoji(
     return samples, report
 
 
-def is_val(key: str, val_fraction: float) -> bool:
-    """Stable across runs, machines and Python versions (unlike ``hash()``), and independent of
-    which other emoji exist, so adding emoji to the font never moves old ones between splits."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
 def split(samples: list, val_fraction: float) -> tuple[list, list]:
-    """Hash split; if it leaves validation empty although asked for, move the lowest-hash sample
-    there, so small demos (``limit``) never end with a val folder readers would refuse."""
-    train = [s for s in samples if not is_val(s[0], val_fraction)]
-    val = [s for s in samples if is_val(s[0], val_fraction)]
-    if val_fraction > 0 and not val and len(train) >= 2:
-        first = min(train, key=lambda s: hashlib.sha1(s[0].encode("utf-8")).digest())
-        train.remove(first)
-        val.append(first)
-    return train, val
+    """Hash split (:func:`~ldm_train.data.holdout.route`, as the converters), each side in input
+    order; stable, and independent of which other emoji exist, so adding emoji to the font never
+    moves old ones between splits. Small demos (``limit``) never end with an empty val folder."""
+    keyed = [(s[0], i) for i, s in enumerate(samples)]
+    to_val = {i for val, (_, i) in route(keyed, val_fraction) if val}
+    return [s for i, s in enumerate(samples) if i not in to_val], [s for i, s in enumerate(samples) if i in to_val]
 
 
 def _clear_or_refuse(folder: Path, overwrite: bool) -> None:

@@ -35,6 +35,7 @@ from PIL import Image
 from webdataset import TarWriter, gopen
 
 from ..errors import UserError
+from ..utils.images import to_uint8
 from .preprocess import crop_box, preprocess, sample_rng
 
 log = logging.getLogger(__name__)
@@ -194,44 +195,58 @@ def _encode(key: str, image: Image.Image | EncodedImage, caption: str, meta: dic
 
 
 class ShardWriter:
-    """Writes ``out_dir/{prefix}-000000.tar``, ... with ``shard_size`` samples each.
+    """Writes ``out_dir/{prefix}-000000.tar``, ... with ``shard_size`` samples each (numbers
+    ``digits`` wide): the one tar writer, for image-caption shards (:meth:`write`) and for ready
+    samples such as latent-shard parts (:meth:`write_sample`).
 
     Each shard is written as ``*.tar.tmp`` and renamed when complete, so a crash never leaves a
     half-written ``*.tar`` that a reader would pick up. Tar mtimes are fixed for reproducible
-    bytes. As a context manager, an exception discards the shard being written."""
+    bytes. ``paths`` and ``sizes`` list the completed shards and their sample counts. As a context
+    manager, an exception discards the shard being written."""
 
-    def __init__(self, out_dir: Path, prefix: str, shard_size: int, image_format: str = "png"):
+    def __init__(self, out_dir: Path, prefix: str, shard_size: int, image_format: str = "png", *, digits: int = 6):
         self.fmt = image_format.lower()
         if self.fmt not in _PIL_FORMATS:
             raise ValueError(f"image_format must be one of {sorted(_PIL_FORMATS)}, got {image_format!r}")
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
-        self.out_dir, self.prefix, self.shard_size = Path(out_dir), prefix, shard_size
+        self.out_dir, self.prefix, self.shard_size, self.digits = Path(out_dir), prefix, shard_size, digits
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.paths: list[Path] = []
+        self.sizes: list[int] = []
         self.count = 0
         self._keys: set[str] = set()
         self._writer, self._stream, self._tmp, self._in_shard = None, None, None, 0
 
     def write(self, key: str, image: Image.Image | EncodedImage, caption: str, meta: dict) -> None:
+        """One image-caption sample (img2dataset layout); refuses unsafe or repeated keys."""
         _check_key(key, self._keys)
+        self.write_sample(_encode(key, image, caption, meta, self.fmt))
+
+    def write_sample(self, sample: dict) -> None:
+        """A ready sample: ``__key__`` and bytes per member extension, written as they are."""
         if self._writer is None:
-            final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+            final = self.out_dir / f"{self.prefix}-{len(self.paths):0{self.digits}d}.tar"
             self._tmp = final.with_name(final.name + ".tmp")
             self._stream = open(self._tmp, "wb")
             self._writer = TarWriter(self._stream, encoder=False, mtime=0.0)
-            self.paths.append(final)
-        self._writer.write(_encode(key, image, caption, meta, self.fmt))
+        self._writer.write(sample)
         self.count += 1
         self._in_shard += 1
         if self._in_shard == self.shard_size:
             self._finish()
 
-    def _finish(self) -> None:
+    def _close_shard(self) -> None:
         self._writer.close()
         self._stream.close()
-        os.replace(self._tmp, self.paths[-1])
         self._writer, self._in_shard = None, 0
+
+    def _finish(self) -> None:
+        final, size = self._tmp.with_suffix(""), self._in_shard  # drop ".tmp"
+        self._close_shard()
+        os.replace(self._tmp, final)
+        self.paths.append(final)
+        self.sizes.append(size)
 
     def close(self) -> list[Path]:
         if self._writer is not None:
@@ -241,11 +256,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Discard the shard being written (completed shards stay)."""
         if self._writer is not None:
-            self._writer.close()
-            self._stream.close()
+            self._close_shard()
             self._tmp.unlink(missing_ok=True)
-            self.paths.pop()
-            self._writer, self._in_shard = None, 0
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -289,9 +301,11 @@ def _open(url: str) -> IO[bytes]:
     return gopen(url, "rb") if _is_remote(url) else open(url, "rb")
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``dir/000123.png`` -> (``dir/000123``, ``png``), splitting at the first dot like webdataset.
-    A leading ``./`` (``tar cf x.tar .``) is not part of the key."""
+def split_member(name: str) -> tuple[str, str] | None:
+    """``dir/000123.png`` -> (``dir/000123``, ``png``), splitting at the first dot like webdataset
+    (so ``KEY.latent.safetensors`` has extension ``latent.safetensors``), the extension lowercased;
+    None for a name without one (not a sample member). A leading ``./`` (``tar cf x.tar .``) is
+    not part of the key."""
     while name.startswith("./"):
         name = name[2:]
     head, _, base = name.rpartition("/")
@@ -326,7 +340,7 @@ def _tar_groups(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, b
         if stream is not None:
             tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo)
             for member in tf:
-                parts = _split_name(member.name) if member.isfile() else None
+                parts = split_member(member.name) if member.isfile() else None
                 if parts is None:
                     continue  # directories and extension-less files are not sample members
                 if parts[0] != key and key is not None:
@@ -415,11 +429,6 @@ def iter_samples(
         raise DataError(f"no usable samples in {spec}: {report.summary()}")
     if report.skipped:
         log.warning("%s: %s", spec, report.summary())
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 (exact inverse of :func:`preprocess` on its own output)."""
-    return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_images(

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..utils.hashing import tensor_hash
+from ..utils.images import to_uint8  # noqa: F401  (kept here for eval.distributed and stages)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"  # torch-fidelity names its release file after its sha256
@@ -77,20 +79,12 @@ def _check_u8(images: torch.Tensor, what: str) -> torch.Tensor:
     return images
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (decoder output) -> uint8 [0, 255], rounded like a saved PNG."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _fingerprint(module: nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, shapes, bytes): the weights identity."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _require_local(path: str | Path | None, need: str, key: str, provide: str) -> None:
+    """Raise :class:`MetricsUnavailable` unless ``path`` is a file: nothing is downloaded here, so
+    the message names the config ``key`` to set and what to ``provide``."""
+    if path is None or not Path(path).is_file():
+        where = "is not set" if path is None else f"= {path} does not exist"
+        raise MetricsUnavailable(f"{need} and this machine cannot download them: {key} {where}; set {key} to {provide}")
 
 
 class _PassThrough(nn.Module):
@@ -117,13 +111,9 @@ def load_inception(weights_path: str | Path | None, feature: int = 2048, resize:
         raise UserError(f"eval.fid_resize: {resize!r} is not one of {sorted(RESIZE_METHODS)}")
     if feature not in (64, 192, 768, 2048):
         raise UserError(f"eval.fid_feature: {feature} is not one of 64, 192, 768, 2048")
-    if weights_path is None or not Path(weights_path).is_file():
-        where = "is not set" if weights_path is None else f"= {weights_path} does not exist"
-        raise MetricsUnavailable(
-            f"FID/KID need the Inception weights and this machine cannot download them: eval.inception_weights "
-            f"{where}; set eval.inception_weights to a local copy of {INCEPTION_FILE} "
-            "(torch-fidelity's release file weights-inception-2015-12-05-6726825d.pth)"
-        )
+    _require_local(weights_path, "FID/KID need the Inception weights", "eval.inception_weights",
+                   f"a local copy of {INCEPTION_FILE} (torch-fidelity's release file "
+                   "weights-inception-2015-12-05-6726825d.pth)")
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
         import torch_fidelity  # noqa: F401
@@ -265,7 +255,7 @@ def compute_fid_kid(
         "real_size": list(real_u8.shape[2:]),
         "resize": resize_text,
         "feature_extractor": name,
-        "feature_weights": _fingerprint(net)[:16],
+        "feature_weights": tensor_hash(net)[:16],
     }
 
     status, real_feats, path = "off", None, None
@@ -315,13 +305,9 @@ def load_clip(model_name: str, pretrained_path: str | Path | None):
 
     if open_clip.get_model_config(model_name) is None:
         raise MetricsUnavailable(f"eval.clip_model: {model_name!r} is not an open_clip architecture")
-    if pretrained_path is None or not Path(pretrained_path).is_file():
-        where = "is not set" if pretrained_path is None else f"= {pretrained_path} does not exist"
-        raise MetricsUnavailable(
-            f"CLIP score needs local open_clip weights and this machine cannot download them: eval.clip_weights "
-            f"{where}; set eval.clip_weights to a local open_clip checkpoint (.safetensors or .bin/.pt) of "
-            f"eval.clip_model={model_name!r} (e.g. open_clip_model.safetensors of laion/CLIP-ViT-B-32)"
-        )
+    _require_local(pretrained_path, "CLIP score needs local open_clip weights", "eval.clip_weights",
+                   f"a local open_clip checkpoint (.safetensors or .bin/.pt) of eval.clip_model={model_name!r} "
+                   "(e.g. open_clip_model.safetensors of laion/CLIP-ViT-B-32)")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(pretrained_path))
     except Exception as e:

@@ -36,9 +36,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pack_sample(key: str, tensors: dict[str, torch.Tensor], caption: str, meta: dict) -> dict:
-    """One latent-shard sample; ``tensors`` already in their stored dtype (see module doc)."""
+    """One latent-shard sample; ``tensors`` already in their stored dtype (see module doc). Every
+    member is bytes (UTF-8 text, as webdataset's encoder would make it), so
+    :meth:`ShardWriter.write_sample <ldm_train.data.shards.ShardWriter.write_sample>` writes it as is."""
     stored = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    return {"__key__": key, LATENT_MEMBER: save(stored), "txt": caption, "json": json.dumps(meta)}
+    return {"__key__": key, LATENT_MEMBER: save(stored), "txt": caption.encode("utf-8"),
+            "json": json.dumps(meta).encode("utf-8")}
 
 
 def save_null_context(folder: Path, context: torch.Tensor, dtype: torch.dtype = torch.float16) -> None:
@@ -80,7 +83,9 @@ def read_manifest(folder: Path) -> dict:
 
 @dataclass
 class LatentData:
-    """A latent split held in memory (fine for the emoji set; the data issue adds streaming)."""
+    """A latent split held in memory (``train.data_source=memory``: fine for small sets like the
+    emoji one); large caches are streamed instead by :class:`ldm_train.latents.loader.LatentLoader`
+    (``train.data_source=stream``)."""
 
     mean: torch.Tensor  # [N, C, h, w] fp16
     std: torch.Tensor  # [N, C, h, w] fp16

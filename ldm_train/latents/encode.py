@@ -14,7 +14,6 @@ it, in whatever order, in however many runs.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import shutil
 import sys
@@ -27,12 +26,12 @@ from typing import Iterator
 import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
-from webdataset import TarWriter
 
 from ..autoencoder.vae import encode_posterior, latent_scale
 from ..config import LatentsConfig
-from ..data.shards import DataError, SkipReport, check_failed_shards, expand_shards, iter_samples
+from ..data.shards import DataError, ShardWriter, SkipReport, check_failed_shards, expand_shards, iter_samples
 from ..text.encoder import TextEncoder
+from ..utils.hashing import tensor_hash
 from ..utils.runs import OutputExistsError
 from . import ledger
 from .cache import DTYPES, pack_sample, save_null_context, write_manifest
@@ -94,11 +93,11 @@ def fingerprint(enc: Encoders, input_shards: list[str], vae_path: str | None) ->
     return {
         "autoencoder.path": vae_path,
         "autoencoder.config_hash": ledger.config_hash(dict(enc.vae.config)),
-        "autoencoder.weights_hash": ledger.tensor_hash(enc.vae),
+        "autoencoder.weights_hash": tensor_hash(enc.vae),
         "autoencoder.dtype": str(enc.vae.dtype),
         "resolution": enc.resolution,
         "text_encoder": enc.text.name,
-        "text_encoder.weights_hash": ledger.tensor_hash(enc.text.clip),
+        "text_encoder.weights_hash": tensor_hash(enc.text.clip),
         "latents.dtype": enc.cfg.dtype,
         "latents.store": enc.cfg.store,
         "latents.text": enc.cfg.text,
@@ -158,46 +157,15 @@ def background(items: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-class PartWriter:
-    """``latents-IIIIII-PPP.tar`` parts of one input shard, each renamed from ``.tmp`` when full."""
+def _part_writer(out: Path, index: int, max_count: int) -> ShardWriter:
+    """Writes the ``latents-IIIIII-PPP.tar`` parts of input shard ``index``, each renamed from
+    ``.tmp`` when full (the shared :class:`ShardWriter`, with 3-digit part numbers)."""
+    return ShardWriter(out, f"latents-{index:06d}", max_count, digits=3)
 
-    def __init__(self, out: Path, index: int, max_count: int):
-        self.out, self.index, self.max_count = out, index, max_count
-        self.parts: list[dict] = []
-        self._writer, self._stream, self._count = None, None, 0
 
-    def _tmp(self) -> Path:
-        return self.out / f"latents-{self.index:06d}-{len(self.parts):03d}.tar.tmp"
-
-    def write(self, sample: dict) -> None:
-        if self._writer is None:
-            self._stream = open(self._tmp(), "wb")
-            self._writer = TarWriter(self._stream, encoder=True, mtime=0.0)
-        self._writer.write(sample)
-        self._count += 1
-        if self._count == self.max_count:
-            self._finish()
-
-    def _finish(self) -> None:
-        tmp = self._tmp()
-        self._writer.close()
-        self._stream.close()
-        final = tmp.with_suffix("")  # drop ".tmp"
-        os.replace(tmp, final)
-        self.parts.append({"name": final.name, "samples": self._count})
-        self._writer, self._stream, self._count = None, None, 0
-
-    def close(self) -> list[dict]:
-        if self._writer is not None:
-            self._finish()
-        return self.parts
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._stream.close()
-            self._writer = None
-        remove_outputs(self.out, self.index)
+def _outputs(writer: ShardWriter) -> list[dict]:
+    """The parts for the done entry and manifest: ``[{"name", "samples"}]``."""
+    return [{"name": path.name, "samples": n} for path, n in zip(writer.paths, writer.sizes)]
 
 
 def remove_outputs(out: Path, index: int) -> None:
@@ -239,25 +207,26 @@ def encode_input_shard(index: int, url: str, out: Path, enc: Encoders, progress:
     """Encode one input shard into its parts and record it as done (or failed)."""
     remove_outputs(out, index)
     report, error, t0 = SkipReport(), None, time.time()
-    writer = PartWriter(out, index, enc.cfg.shard_size)
+    writer = _part_writer(out, index, enc.cfg.shard_size)
     try:
         samples = iter_samples(url, enc.resolution, report, allow_empty=True, **enc.read_kwargs)
         for batch in background(_batches(samples, enc.cfg.batch_size)):
             for s, tensors in zip(batch, enc.encode(batch)):
                 meta = dict(s["meta"], source_shard=url)
                 meta.update({k: list(s[k]) for k in ("original_size", "crop_box") if s.get(k) is not None})
-                writer.write(pack_sample(s["key"], tensors, s["caption"], meta))
+                writer.write_sample(pack_sample(s["key"], tensors, s["caption"], meta))
             progress.update(len(batch))
     except DataError as e:  # e.g. a local shard that does not exist
         error = str(e)
-    except BaseException:
+    except BaseException:  # the next run re-encodes this input shard from scratch
         writer.abort()
+        remove_outputs(out, index)
         raise
     reason = _failure(report, error)
-    outputs = writer.close()
+    writer.close()
     entry = {
         "index": index, "shard": url, "status": "ok" if reason is None else "failed", "error": reason,
-        "outputs": outputs, "report": report.as_dict(), "seconds": round(time.time() - t0, 3),
+        "outputs": _outputs(writer), "report": report.as_dict(), "seconds": round(time.time() - t0, 3),
     }
     ledger.write_done(out, index, entry)
     progress.shard_done()

@@ -17,8 +17,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 from .cache import MANIFEST, write_json_atomic
 
@@ -30,16 +28,6 @@ INFORMATIONAL = {"autoencoder.path"}
 
 class EncodeMismatchError(UserError):
     """An existing output folder was encoded with something else; the message names the key."""
-
-
-def tensor_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of the state dict (names, dtypes, shapes, bytes): identifies weights wherever they live."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def config_hash(config: dict) -> str:

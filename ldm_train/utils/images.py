@@ -8,10 +8,19 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 [0, 255], rounded like a saved PNG: what FID sees of a
+    generated image, and the exact inverse of :func:`ldm_train.data.preprocess` on its own output.
+
+    Computed in float32 whatever the input dtype, so fp16/bf16 decoder output quantises like fp32.
+    Values outside [-1, 1] (an overshooting decoder) clamp to 0 / 255; clamping before or after
+    the rounding gives the same bytes, so every caller can share this one definition."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(x: torch.Tensor) -> Image.Image:
     """CHW tensor in [-1, 1] -> RGB PIL image."""
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
+    return Image.fromarray(to_uint8(x.cpu()).permute(1, 2, 0).numpy(), "RGB")
 
 
 def image_grid(

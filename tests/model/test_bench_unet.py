@@ -49,3 +49,28 @@ def test_bench_unet_help():
     proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "--channels-last" in proc.stdout and "--grad-ckpt" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_unet_takes_a_config_file(tmp_path):
+    """--config FILE: the file's model section (here relative to the working directory)."""
+    (tmp_path / "unet.yaml").write_text("model:\n  block_out_channels: [16, 32]\n  attention_levels: [false, true]\n"
+                                        "  attention_head_dim: 8\n  cross_attention_dim: 16\n  norm_num_groups: 8\n")
+    out = tmp_path / "file.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--config", "unet.yaml", "--device", "cpu", "--reps", "1", "--warmup", "0",
+         "--batch", "2", "--res", "8", "--context-len", "4", "--json", str(out)],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["model_config_file"] == "unet.yaml"
+    assert res["model_config"]["block_out_channels"] == [16, 32] and res["model_config"]["cross_attention_dim"] == 16
+    assert res["models"]["ours"]["params"] == res["models"]["diffusers"]["params"] > 0
+
+
+def test_bench_unet_refuses_an_unknown_config():
+    proc = subprocess.run([sys.executable, str(BENCH), "--config", "sd99"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "neither a preset (tiny, small, sd15) nor a config file" in proc.stderr
