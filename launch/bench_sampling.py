@@ -60,13 +60,13 @@ def main() -> None:
     import torch
 
     from ldm_train.autoencoder.vae import decode_latents
-    from ldm_train.config import DiffusionConfig, EvalConfig
+    from ldm_train.config import EvalConfig, load_config
     from ldm_train.diffusion import sample_from_config
 
     torch_device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     unet, vae, latent, context_shape = build(preset(args.config, PRESETS), torch_device, dtype)
-    diffusion = DiffusionConfig(prediction_type="epsilon")
+    diffusion = load_config(SD15_CONFIG).diffusion  # SD 1.5: scaled_linear, epsilon
     eval_cfg = EvalConfig(sampler="ddim", steps=args.steps, guidance_scale=args.guidance)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.batch, *latent, generator=g).to(torch_device)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.shards import DataError, expand_shards
+from ..data.shards import DataError, expand_shards, split_member
 from ..errors import UserError
 from .cache import LATENT_MEMBER, read_manifest, unpack_tensors
 
@@ -38,12 +38,6 @@ class LoaderStateError(UserError):
     """A loader state that does not belong to this data/seed/rank layout; names the key."""
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")  # like webdataset: the key ends at the first dot
-    return (f"{head}/{stem}" if head else stem), ext
-
-
 def index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """``[(key, {ext: (offset, size)})]`` of a local tar, read by seeking from header to header,
     so reading sample ``i`` later costs one seek and one read."""
@@ -52,7 +46,10 @@ def index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         for member in tf:
             if not member.isfile():
                 continue
-            key, ext = _split_member(member.name)
+            split = split_member(member.name)
+            if split is None:  # not a sample member (no extension)
+                continue
+            key, ext = split
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][ext] = (member.offset_data, member.size)
