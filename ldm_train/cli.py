@@ -37,6 +37,7 @@ def _converter_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .diffusion.samplers import SAMPLERS  # the registry is the list of choices
     parser = argparse.ArgumentParser(
         prog="ldm-train", description="Latent diffusion training pipeline.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default: {run}/eval)")
     ev.add_argument("--num-samples", type=int, default=32, help="images to sample, one per validation caption (cycled)")
-    ev.add_argument("--sampler", default=None, help="override eval.sampler")
+    ev.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="override eval.sampler")
     ev.add_argument("--steps", type=int, default=None, help="override eval.steps")
     ev.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
     ev.add_argument("--shards", action="store_true", help="also write the images as WebDataset shards (img2dataset layout)")
@@ -98,44 +99,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
+    """Run the subcommand's stage: one entry per subcommand of :func:`build_parser`, whose
+    required subcommand guarantees that ``args.command`` is one of them."""
     from . import stages
 
-    if args.command == "data" and args.source == "folder":
+    commands = {  # lambdas: `slurm status` has no --overwrite, and only the chosen stage runs
+        "data": lambda: _data(stages, args, cfg),
+        "train-vae": lambda: stages.train_vae_stage(cfg, args.overwrite),
+        "encode": lambda: stages.encode_stage(cfg, args.overwrite),
+        "train": lambda: stages.train_stage(cfg, args.overwrite),
+        "sample": lambda: stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite),
+        "eval": lambda: _eval(stages, args, cfg),
+        "export": lambda: _export(stages, args, cfg),
+        "convert": lambda: stages.convert_stage(args.input, args.output, args.to, args.overwrite),
+        "demo": lambda: _demo(args, cfg),
+        "slurm": lambda: _slurm(args, cfg),
+    }
+    return commands[args.command]()
+
+
+def _data(stages, args: argparse.Namespace, cfg: Config) -> dict:
+    if args.source == "folder":
         return stages.data_folder(cfg, args.src, args.out, args.overwrite)
-    if args.command == "data" and args.source == "hf":
+    if args.source == "hf":
         return stages.data_hf(cfg, args.dataset, args.split, args.image_column, args.caption_column, args.out, args.overwrite)
-    if args.command == "data":
-        return stages.data_emoji(cfg, args.out, args.overwrite)
-    if args.command == "train-vae":
-        return stages.train_vae_stage(cfg, args.overwrite)
-    if args.command == "encode":
-        return stages.encode_stage(cfg, args.overwrite)
-    if args.command == "train":
-        return stages.train_stage(cfg, args.overwrite)
-    if args.command == "sample":
-        return stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite)
-    if args.command == "eval":
-        out = args.out if args.out is not None else cfg.path("{run}") / "eval"
-        return stages.eval_stage(args.checkpoint, cfg, out, args.num_samples, args.overwrite, args.shards)
-    if args.command == "export":
-        out = args.out if args.out is not None else cfg.path(cfg.export.dir)
-        summary = stages.export_stage(cfg, out, args.overwrite)
-        if args.diffusers_pipeline is not None:
-            summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
-        return summary
-    if args.command == "slurm":
-        from .slurm.commands import run_slurm
+    return stages.data_emoji(cfg, args.out, args.overwrite)
 
-        return run_slurm(args, cfg)
-    if args.command == "convert":
-        return stages.convert_stage(args.input, args.output, args.to, args.overwrite)
-    if args.command == "demo":
-        from .demo import print_summary, run_demo
 
-        summary = run_demo(cfg, args.overwrite)
-        print_summary(summary)
-        return {}
-    raise SystemExit(f"ldm-train {args.command}: not implemented yet (see the issue tracker)")
+def _eval(stages, args: argparse.Namespace, cfg: Config) -> dict:
+    out = args.out if args.out is not None else cfg.path("{run}") / "eval"
+    return stages.eval_stage(args.checkpoint, cfg, out, args.num_samples, args.overwrite, args.shards)
+
+
+def _export(stages, args: argparse.Namespace, cfg: Config) -> dict:
+    out = args.out if args.out is not None else cfg.path(cfg.export.dir)
+    summary = stages.export_stage(cfg, out, args.overwrite)
+    if args.diffusers_pipeline is not None:
+        summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
+    return summary
+
+
+def _demo(args: argparse.Namespace, cfg: Config) -> dict:
+    from .demo import print_summary, run_demo
+
+    print_summary(run_demo(cfg, args.overwrite))
+    return {}  # the summary is printed already
+
+
+def _slurm(args: argparse.Namespace, cfg: Config) -> dict:
+    from .slurm.commands import run_slurm
+
+    return run_slurm(args, cfg)
 
 
 def eval_overrides(args: argparse.Namespace) -> list[str]:

@@ -484,6 +484,12 @@ def moved_keys(tree: dict) -> dict[str, str]:
     return found
 
 
+def is_resolved(tree: dict) -> bool:
+    """Whether ``tree`` is a resolved config as :func:`dump_config` writes it (every section spelled
+    out), rather than a hand-written file: those written by an older version are migrated."""
+    return set(tree) == set(Config.model_fields) and all(isinstance(v, dict) for v in tree.values())
+
+
 def migrate(tree: dict) -> dict:
     """A config tree written before the keys moved, in today's layout (a deep copy; new keys given
     explicitly win over old ones)."""
@@ -499,6 +505,18 @@ def migrate(tree: dict) -> dict:
     if isinstance(ev, dict) and ev.get("sampler") in RENAMED_SAMPLERS:
         ev["sampler"] = RENAMED_SAMPLERS[ev["sampler"]]
     return tree
+
+
+def with_defaults(tree: dict, defaults: dict | None = None) -> dict:
+    """``tree`` (e.g. an old run's config.yaml, after :func:`migrate`) completed with the defaults
+    of every key it lacks, at every depth: a key added after the file was written counts as its
+    default."""
+    defaults = Config().model_dump() if defaults is None else defaults
+    out = dict(defaults)
+    for key, value in tree.items():
+        known = defaults.get(key)
+        out[key] = with_defaults(value, known) if isinstance(value, dict) and isinstance(known, dict) and known else value
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -570,8 +588,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML file (or defaults when ``path`` is None), apply dotted overrides, validate.
 
     Raises :class:`ConfigError` naming each bad key and where it came from. A key that moved
-    (:data:`MOVED`) is refused with its new place, unless ``migrate_old`` (a run folder's own
-    ``config.yaml`` from an older version), which moves it there.
+    (:data:`MOVED`) is refused with its new place, except in a file ldm_train wrote itself (a
+    resolved config, :func:`is_resolved`: a run's ``config.yaml``, a Slurm job's config, which
+    every requeue reads again) or with ``migrate_old``: there it is moved to its new place.
     """
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
@@ -586,14 +605,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
+        if migrate_old or is_resolved(tree):
+            tree = migrate(tree)
     from_override: set[str] = set()
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
         from_override.add(key)
-    if migrate_old:
-        tree = migrate(tree)
-    elif moved := moved_keys(tree):
+    if moved := moved_keys(tree):
         lines = [f"  {key}: {where}  [in {_origin(key, from_override, source)}]" for key, where in moved.items()]
         raise ConfigError("invalid configuration (keys that have moved):\n" + "\n".join(lines))
     try:

@@ -10,7 +10,7 @@ from typing import Callable
 from . import stages
 from .config import Config
 from .latents.cache import load_latents
-from .utils.runs import OutputExistsError
+from .utils.runs import OutputExistsError, check_output
 
 
 def _timed(name: str, fn: Callable[[], dict], timings: dict, results: dict) -> dict:
@@ -36,9 +36,7 @@ def held_out_prompts(cfg: Config) -> tuple[list[str], list[str]]:
 
 def run_demo(cfg: Config, overwrite: bool) -> dict:
     run = cfg.path("{run}")
-    if run.exists() and any(run.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"demo folder {run} is not empty; pass --overwrite to replace it, or set run.dir")
+    if check_output(run, overwrite, "demo"):
         if not (run / "config.yaml").is_file() or run.resolve() in (Path.cwd().resolve(), Path.home().resolve()):
             # --overwrite deletes the folder: only ever one that an earlier run made.
             raise OutputExistsError(f"{run} does not look like an ldm_train run folder (no config.yaml); not deleting it")

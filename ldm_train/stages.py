@@ -18,77 +18,36 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 
 from .autoencoder.train_vae import reconstruct, train_vae
 from .autoencoder.vae import load_vae
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError
 from .data.convert import convert_folder, convert_hf
 from .data.emoji import build_emoji_shards
-from .data.shards import SkipReport, check_failed_shards, load_images, write_shards
-from .eval.pipeline import PipelineError, load_pipeline
-from .eval.metrics import evaluate_images, to_uint8
+from .data.shards import FailedShardsError, SkipReport, check_failed_shards, load_images
 from .eval.distributed import generate_across_ranks
-from .eval.periodic import make_periodic_eval
+from .eval.periodic import periodic_eval
+from .eval.pipeline import PipelineError, load_pipeline
+from .eval.report import ImageMetrics, write_eval_images
 from .eval.sample import generate
 from .eval.validate import validation_loss
 from .export.export import export_pipeline
 from .latents.cache import load_latents, read_manifest
 from .latents.encode import Encoders, encode_split
 from .latents.ranks import RankGroup, Ranks
-from .data.shards import FailedShardsError
 from .model.convert import write_diffusers_unet, write_project_unet
 from .model.load import read_unet
 from .text.encoder import load_text_encoder, prepare_text_encoder
-from .train.checkpoint import latest_checkpoint, load_weights
+from .train.batches import training_batches
+from .train.checkpoint import checkpoint_step, latest_checkpoint, latest_step, load_weights
 from .errors import Preempted
 from .train.control import write_status
-from .train.batches import StreamBatches
 from .train.loop import make_accelerator, train_denoiser
-from .utils.images import plot_losses, save_grid, to_pil
-from .utils.runs import MetricsLog, OutputExistsError, pick_device, prepare_output
+from .utils.images import plot_losses, save_grid
+from .utils.runs import RESUMABLE, MetricsLog, check_output, pick_device, prepare_output, record_config
 
 
-def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = (), write: bool = True) -> Path:
-    """Write ``{run}/config.yaml``; refuse to replace one that describes a different run (keys in
-    ``may_differ``, such as ``train.steps`` when resuming, may change)."""
-    path = cfg.path("{run}") / "config.yaml"
-    if path.is_file() and not overwrite:
-        old = yaml.safe_load(path.read_text()) or {}
-        new = cfg.model_dump()
-        default = Config().model_dump()
-        missing = object()  # a key the old file lacks (written by an older version) counts as its default
-
-        def before(s, k):
-            value = old.get(s, {}).get(k, missing)
-            return default[s][k] if value is missing else value
-
-        diff = [f"{s}.{k}" for s in new for k in new[s] if before(s, k) != new[s][k]]
-        # slurm.* says how a run is submitted, not what it computes: it may change between jobs
-        diff = [d for d in diff if d not in may_differ and not d.startswith("slurm.")]
-        if diff:
-            raise OutputExistsError(
-                f"{path} holds a different run (differs in {', '.join(diff[:6])}); "
-                "pass --overwrite to replace it, or set run.dir to a new folder"
-            )
-    if write:
-        dump_config(cfg, path)
-    return path
-
-
-# What may change when a run resumes from its checkpoints: how long and how often, not what.
-RESUMABLE = (
-    "train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
-    "train.milestones", "train.watchdog_seconds", "latents.loader", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
-)
-
-
-def last_segment(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The most recent training run's points: ``metrics.jsonl`` is append-only, and a run that
-    was redone with --overwrite starts again, so its steps go down."""
-    starts = [i for i in range(1, len(points)) if points[i][0] <= points[i - 1][0]]
-    return points[starts[-1] :] if starts else points
 
 
 def data_emoji(cfg: Config, out: Path | None, overwrite: bool) -> dict:
@@ -162,22 +121,24 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     ckpts = run / "checkpoints"
     resume = None if overwrite else latest_checkpoint(ckpts)
     record_config(cfg, overwrite, RESUMABLE if resume is not None else (), write=False)  # every rank checks
-    if resume is None and not overwrite and ckpts.is_dir() and any(ckpts.iterdir()):
-        raise OutputExistsError(f"{ckpts} holds files but no complete checkpoint; pass --overwrite to start over")
+    if resume is None:
+        check_output(ckpts, overwrite, "train", note="no complete checkpoint in it to resume from")
     accelerator = make_accelerator(cfg.distributed, cfg.train)
-    data, batches = training_data(cfg, accelerator)
+    batches = training_batches(cfg.path(cfg.latents.dir) / "train", train=cfg.train, loader=cfg.latents.loader,
+                               seed=cfg.run.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if accelerator.is_main_process:
         record_config(cfg, True)
         if resume is None:
             prepare_output(ckpts, overwrite, "train")
-        write_status(run, "running", int(resume.name.split("-")[1]) if resume else 0, processes=accelerator.num_processes)
+        write_status(run, "running", checkpoint_step(resume) if resume else 0, processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     log = MetricsLog(run / "metrics.jsonl")
-    eval_fn = periodic_eval(cfg, run, accelerator, log) if cfg.train.eval_every > 0 else None
+    eval_fn = periodic_eval(cfg, accelerator, log) if cfg.train.eval_every > 0 else None
     try:
         model, ema, result = train_denoiser(
-            cfg.model, cfg.diffusion, cfg.train, accelerator, data, run, cfg.run.seed, log, eval_fn,
-            dist_cfg=cfg.distributed, resume_from=resume, batches=batches,
+            model=cfg.model, diffusion=cfg.diffusion, train=cfg.train, distributed=cfg.distributed,
+            accelerator=accelerator, batches=batches, run_dir=run, seed=cfg.run.seed, log=log, eval_fn=eval_fn,
+            resume_from=resume,
         )
     except Preempted as e:
         if accelerator.is_main_process:
@@ -192,8 +153,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     if not accelerator.is_main_process:
         return {}  # one summary per run, from rank 0
     write_status(run, "finished", result.steps)
-    curves = {"denoiser loss": last_segment([(r["step"], r["loss"]) for r in log.read() if r.get("stage") == "train"])}
-    vae_points = last_segment([(r["step"], r["rec_l1"]) for r in log.read() if r.get("stage") == "vae"])
+    curves = {"denoiser loss": log.curve("train", "loss")}
+    vae_points = log.curve("vae", "rec_l1")
     if vae_points:
         curves = {"autoencoder L1": vae_points, **curves}
     return {
@@ -210,37 +171,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     }
 
 
-def training_data(cfg: Config, accelerator) -> tuple:
-    """(in-memory split, None) or (None, streaming batches), by ``train.data_source``."""
-    folder = cfg.path(cfg.latents.dir) / "train"
-    if cfg.train.data_source == "memory":
-        return load_latents(folder), None
-    batches = StreamBatches(folder, cfg.latents.loader, cfg.train.batch_size, cfg.run.seed,
-                            accelerator.process_index, accelerator.num_processes)
-    return None, batches
-
-
-def latest_step(ckpts: Path) -> int:
-    latest = latest_checkpoint(ckpts)
-    return int(latest.name.split("-")[1]) if latest else 0
-
-
-def periodic_eval(cfg: Config, run: Path, accelerator, log: MetricsLog):
-    """The in-training evaluation: configured prompts, or the first validation captions; FID/KID
-    against the validation images and CLIP score, where their weights are configured."""
-    prompts = list(cfg.eval.prompts) or sorted(set(load_latents(cfg.path(cfg.latents.dir) / "val").captions))[:8]
-    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(accelerator.device)
-    text = load_text_encoder(cfg.path(cfg.text.dir)).to(accelerator.device)
-    return make_periodic_eval(
-        run, vae, text, cfg.diffusion, cfg.eval, prompts, read_manifest(cfg.path(cfg.latents.dir) / "train")["latent_shape"],
-        accelerator, log,
-        metrics_fn=lambda images, captions: image_metrics(cfg, images, captions),
-    )
-
-
 def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool) -> dict:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite, "sample")
     device = pick_device(cfg.distributed.cpu)
     pipe = load_pipeline(checkpoint, device)
     images, captions = generate(pipe, prompts, cfg.eval, device, progress=True)
@@ -252,8 +184,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # every rank, before any writes
-        raise OutputExistsError(f"eval output {out_dir} already exists and is not empty; pass --overwrite to replace it")
+    check_output(out_dir, overwrite, "eval")  # every rank, before any writes
     accelerator = Accelerator(cpu=cfg.distributed.cpu)
     device = accelerator.device
     pipe = load_pipeline(checkpoint, device)
@@ -272,7 +203,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     else:  # the fixed-timestep loss is defined for the discrete process only
         metrics = {"val_loss": None, "val_loss_note": f"not defined for formulation {pipe.diffusion.formulation}"}
     files = write_eval_images(out_dir, images, prompts, shards)
-    metrics.update(image_metrics(cfg, images, prompts))
+    metrics.update(ImageMetrics.from_config(cfg)(images, prompts))
     grid = save_grid(out_dir / "val_samples.png", images[:32], ncols=8, captions=prompts[:32])
     report = {
         "source": pipe.source,
@@ -290,39 +221,8 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     return report
 
 
-def image_metrics(cfg: Config, images, prompts: list[str]) -> dict:
-    """FID/KID against the validation images and CLIP score against the prompts (or, without
-    local weights, why not: see ``eval.inception_weights`` / ``eval.clip_weights``)."""
-    e = cfg.eval
-    real, _, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport())
-    key = {"dataset": cfg.shards(cfg.data.val_shards), "resolution": cfg.data.resolution, "resize": e.fid_resize}
-    return evaluate_images(
-        to_uint8(images), real, prompts, inception_weights=e.inception_weights, feature=e.fid_feature,
-        resize=e.fid_resize, reference_cache=cfg.path(e.fid_reference_dir), reference_key=key,
-        kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, clip_model=e.clip_model,
-        clip_weights=e.clip_weights, seed=e.seed,
-    )
-
-
-def write_eval_images(out_dir: Path, images, prompts: list[str], shards: bool) -> dict:
-    """PNG files + a JSON index of their prompts; optionally the same as img2dataset-layout shards."""
-    folder = out_dir / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = [f"sample_{i:06d}" for i in range(len(prompts))]
-    pils = [to_pil(img) for img in images]
-    for key, pil in zip(keys, pils):
-        pil.save(folder / f"{key}.png")
-    (folder / "index.json").write_text(json.dumps(dict(zip(keys, prompts)), indent=2))
-    out = {"folder": str(folder)}
-    if shards:
-        samples = ((k, p, c, {"index": i}) for i, (k, p, c) in enumerate(zip(keys, pils, prompts)))
-        out["shards"] = [str(s) for s in write_shards(samples, out_dir / "shards", "samples", 1000)]
-    return out
-
-
 def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"export folder {out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite, "export")
     ckpt = latest_checkpoint(cfg.path("{run}") / "checkpoints")
     if ckpt is None:
         raise PipelineError(f"no checkpoint under {cfg.path('{run}') / 'checkpoints'}; run `ldm-train train` first")
@@ -337,8 +237,7 @@ def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
 
 def convert_stage(src: Path, dst: Path, to: str, overwrite: bool) -> dict:
     """A U-Net folder in either format -> ``to`` format (``project`` or ``diffusers``)."""
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    check_output(dst, overwrite, "convert")  # before reading: a refusal costs nothing
     cfg, state = read_unet(src)
     prepare_output(dst, overwrite, "convert")
     write = write_project_unet if to == "project" else write_diffusers_unet

@@ -170,8 +170,8 @@ def test_eval_on_run_folder(micro_run, tmp_path, capsys):
     assert (out / "val_samples.png").is_file()
     assert report["num_samples"] == 3 and report["eval"]["sampler"] == "heun" and report["eval"]["steps"] == 2
     # offline, without local weights: reported plainly, naming the key, and the rest still runs
-    assert report["fid"] is None and "eval.inception_weights" in report["fid_error"]
-    assert report["clip_score"] is None and "eval.clip_weights" in report["clip_error"]
+    assert report["fid"] is None and "eval.metrics.inception_weights" in report["fid_error"]
+    assert report["clip_score"] is None and "eval.metrics.clip_weights" in report["clip_error"]
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"sample_{i:06d}.png" for i in range(3)]
     from ldm_train.data.shards import SkipReport, iter_samples
 

@@ -320,3 +320,9 @@ def test_a_full_old_default_config_migrates_to_todays_defaults(tmp_path):
 
     path = write(tmp_path, yaml.safe_dump(old_dump))
     assert load_config(path, migrate_old=True) == Config()
+    # a resolved config as an older ldm_train wrote it (every section: a run's config.yaml, a Slurm
+    # job's config that each requeue reads again) is read as it is, its moved keys in place
+    full = {**Config().model_dump(), **old_dump}
+    assert load_config(write(tmp_path, yaml.safe_dump(full), "full.yaml")) == Config()
+    with pytest.raises(ConfigError, match="diffusion.loss_weighting: moved to diffusion.loss.weighting"):
+        load_config(write(tmp_path, yaml.safe_dump({**full, "slurm": None}), "partial.yaml"))

@@ -1,6 +1,6 @@
 import pytest
 
-from ldm_train.stages import last_segment
+from ldm_train.utils.runs import last_segment
 
 
 def test_last_segment_keeps_only_the_latest_run_of_an_append_only_log():
@@ -17,8 +17,7 @@ def test_record_config_treats_keys_missing_from_an_older_file_as_their_defaults(
     import yaml
 
     from ldm_train.config import load_config
-    from ldm_train.stages import record_config
-    from ldm_train.utils.runs import OutputExistsError
+    from ldm_train.utils.runs import OutputExistsError, record_config
 
     cfg = load_config(None, [f"run.dir={tmp_path}"])
     path = record_config(cfg, False)

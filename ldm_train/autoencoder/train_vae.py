@@ -8,7 +8,6 @@ recognisably. The latent scaling and shift are measured on the data afterwards (
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from ..config import AutoencoderConfig
+from ..utils.lr import warmup_cosine
 from ..utils.runs import MetricsLog
 from .vae import build_vae
 
@@ -71,11 +71,8 @@ def train_vae(
     torch.manual_seed(seed)
     vae = build_vae(cfg).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
-    # Short warm-up then cosine decay to 10%: converges in few steps without late oscillation.
-    warmup = max(1, tc.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, tc.steps)))))
-    )
+    # A short warm-up over a cosine that starts at once: converges in few steps without late oscillation.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, tc.steps // 20), tc.steps, decay_start=0))
     gen = torch.Generator().manual_seed(seed)
     n = images_u8.shape[0]
     t0, losses = time.time(), []

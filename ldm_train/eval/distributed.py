@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from ..config import EvalConfig
-from .metrics import to_uint8
+from ..utils.images import to_uint8
 from .pipeline import Pipeline
 from .sample import generate
 

@@ -5,7 +5,7 @@ Pinned FID/KID protocol (written next to every number as ``result["protocol"]``)
 
 * Feature extractor: torchmetrics' ``NoTrainInceptionV3`` ("inception-v3-compat"), i.e. torch-fidelity's
   port of the 2015 TF Inception (``pt_inception-2015-12-05-6726825d.pth``, the weights FID papers use),
-  loaded from a LOCAL file (``eval.inception_weights``), pool3 features (2048-d) by default.
+  loaded from a LOCAL file (``eval.metrics.inception_weights``), pool3 features (2048-d) by default.
   Nothing is ever downloaded: without the file, :class:`MetricsUnavailable` says which key and file.
 * Input: ``uint8`` tensors ``[N, 3, H, W]`` in ``[0, 255]`` for both the real and the generated side
   (generated images are quantised to uint8 before scoring, like saved PNGs; no JPEG anywhere).
@@ -108,10 +108,10 @@ def load_inception(weights_path: str | Path | None, feature: int = 2048, resize:
     Never downloads: a ``None`` or missing path raises :class:`MetricsUnavailable` first.
     """
     if resize not in RESIZE_METHODS:
-        raise UserError(f"eval.fid_resize: {resize!r} is not one of {sorted(RESIZE_METHODS)}")
+        raise UserError(f"eval.metrics.fid_resize: {resize!r} is not one of {sorted(RESIZE_METHODS)}")
     if feature not in (64, 192, 768, 2048):
-        raise UserError(f"eval.fid_feature: {feature} is not one of 64, 192, 768, 2048")
-    _require_local(weights_path, "FID/KID need the Inception weights", "eval.inception_weights",
+        raise UserError(f"eval.metrics.fid_feature: {feature} is not one of 64, 192, 768, 2048")
+    _require_local(weights_path, "FID/KID need the Inception weights", "eval.metrics.inception_weights",
                    f"a local copy of {INCEPTION_FILE} (torch-fidelity's release file "
                    "weights-inception-2015-12-05-6726825d.pth)")
     try:
@@ -128,7 +128,7 @@ def load_inception(weights_path: str | Path | None, feature: int = 2048, resize:
         )
     except Exception as e:
         raise MetricsUnavailable(
-            f"eval.inception_weights: {weights_path} is not a usable Inception state dict ({type(e).__name__}: "
+            f"eval.metrics.inception_weights: {weights_path} is not a usable Inception state dict ({type(e).__name__}: "
             f"{str(e)[:300]}); provide {INCEPTION_FILE} (torch-fidelity's release file)"
         ) from e
     net.protocol_name = "inception-v3-compat (torch-fidelity pt_inception-2015-12-05)"
@@ -304,15 +304,15 @@ def load_clip(model_name: str, pretrained_path: str | Path | None):
     import open_clip
 
     if open_clip.get_model_config(model_name) is None:
-        raise MetricsUnavailable(f"eval.clip_model: {model_name!r} is not an open_clip architecture")
-    _require_local(pretrained_path, "CLIP score needs local open_clip weights", "eval.clip_weights",
-                   f"a local open_clip checkpoint (.safetensors or .bin/.pt) of eval.clip_model={model_name!r} "
+        raise MetricsUnavailable(f"eval.metrics.clip_model: {model_name!r} is not an open_clip architecture")
+    _require_local(pretrained_path, "CLIP score needs local open_clip weights", "eval.metrics.clip_weights",
+                   f"a local open_clip checkpoint (.safetensors or .bin/.pt) of eval.metrics.clip_model={model_name!r} "
                    "(e.g. open_clip_model.safetensors of laion/CLIP-ViT-B-32)")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(pretrained_path))
     except Exception as e:
         raise MetricsUnavailable(
-            f"eval.clip_weights: {pretrained_path} cannot be loaded into eval.clip_model={model_name!r} "
+            f"eval.metrics.clip_weights: {pretrained_path} cannot be loaded into eval.metrics.clip_model={model_name!r} "
             f"({type(e).__name__}: {str(e)[:300]})"
         ) from e
     return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(model_name)
@@ -410,7 +410,7 @@ def evaluate_images(
             out.update(fid=None, kid_mean=None, kid_std=None, fid_error=str(e))
         out["fid_seconds"] = round(time.perf_counter() - start, 3)
     if prompts is None or clip_model is None:
-        out.update(clip_score=None, clip_error="no prompts given" if prompts is None else "eval.clip_model is not set")
+        out.update(clip_score=None, clip_error="no prompts given" if prompts is None else "eval.metrics.clip_model is not set")
     else:
         start = time.perf_counter()
         try:

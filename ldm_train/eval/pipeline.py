@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL
 
 from ..errors import UserError
 from ..autoencoder.vae import load_vae
-from ..config import Config, ConfigError, DiffusionConfig, ModelConfig, load_config
+from ..config import Config, ConfigError, DiffusionConfig, ModelConfig, load_config, migrate
 from ..diffusion import NoiseSchedule, build_schedule
 from ..latents.cache import read_manifest
 from ..model import build_unet
@@ -47,8 +47,9 @@ class Pipeline:
 def diffusion_config_from_scheduler(folder: Path) -> DiffusionConfig:
     """Our full ``diffusion`` section when the export wrote it, else what a diffusers
     scheduler config says (schedule, betas, prediction type, zero-SNR rescaling)."""
-    if (folder / DIFFUSION_FILE).is_file():
-        return DiffusionConfig.model_validate(json.loads((folder / DIFFUSION_FILE).read_text()))
+    if (folder / DIFFUSION_FILE).is_file():  # an export from before the keys moved: moved back in place
+        raw = migrate({"diffusion": json.loads((folder / DIFFUSION_FILE).read_text())})["diffusion"]
+        return DiffusionConfig.model_validate(raw)
     raw = json.loads((folder / "scheduler_config.json").read_text())
     kind = FROM_DIFFUSERS_SCHEDULE.get(raw.get("beta_schedule"))
     if kind is None:
@@ -85,7 +86,7 @@ def _from_export(folder: Path, device) -> Pipeline:
 
 
 def _from_run(folder: Path, device) -> Pipeline:
-    cfg: Config = load_config(folder / "config.yaml")
+    cfg: Config = load_config(folder / "config.yaml", migrate_old=True)  # also a run from before keys moved
     cfg.run.dir = str(folder)  # "{run}" paths follow the folder wherever it was moved
     ckpt = latest_checkpoint(folder / "checkpoints")
     if ckpt is None:

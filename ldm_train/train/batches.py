@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..autoencoder.vae import to_latent
-from ..config import LoaderConfig
+from ..config import LoaderConfig, TrainConfig
 from ..data.shards import DataError
-from ..latents.cache import NULL_CONTEXT, LatentData, read_manifest
+from ..latents.cache import NULL_CONTEXT, LatentData, load_latents, read_manifest
 from ..latents.loader import LatentLoader
 
 
@@ -80,3 +80,13 @@ class StreamBatches:
         self.loader.load_state_dict(meta["loader"])
         self.generator.set_state(tensors["latent_generator"])
         self._batches = None  # the next batch continues right after the checkpoint's last one
+
+
+def training_batches(
+    folder: Path, *, train: TrainConfig, loader: LoaderConfig, seed: int, rank: int, world_size: int
+) -> MemoryBatches | StreamBatches:
+    """The loop's one batch source for the latent split in ``folder``, by ``train.data_source``:
+    held in memory (small sets) or streamed from its shards (any size)."""
+    if train.data_source == "memory":
+        return MemoryBatches(load_latents(folder), train.batch_size, seed, rank)
+    return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size)

@@ -146,6 +146,17 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a ``step-N`` folder holds, from its name (no files read)."""
+    return int(ckpt.name[len(PREFIX) :])
+
+
+def latest_step(ckpt_root: Path) -> int:
+    """The step of the latest complete checkpoint, 0 without one (what ``status.json`` reports)."""
+    latest = latest_checkpoint(ckpt_root)
+    return checkpoint_step(latest) if latest else 0
+
+
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """``which`` is ``ema`` (the first decay), ``ema@DECAY`` or ``model``; full tensors."""
     if which == "model":

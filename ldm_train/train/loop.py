@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_objective, build_schedule
-from ..latents.cache import LatentData
 from ..model import build_unet, load_unet_weights
+from ..utils.lr import warmup_cosine
 from ..utils.runs import MetricsLog
 from .batches import MemoryBatches, StreamBatches
 from ..errors import Preempted
@@ -30,9 +30,9 @@ from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
-from .telemetry import Writers, forward_flops, memory_gib, peak_flops
+from .telemetry import Telemetry, Writers, forward_flops, memory_gib, peak_flops
 
-__all__ = ["TrainResult", "lr_lambda", "make_accelerator", "train_denoiser"]
+__all__ = ["TrainResult", "make_accelerator", "train_denoiser"]
 
 
 @dataclass
@@ -44,19 +44,6 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: Path | None = None
     nonfinite_skipped: int = 0
-
-
-def lr_lambda(train_cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to 10% of the peak by the last step."""
-    warmup, total = train_cfg.warmup_steps, max(1, train_cfg.steps)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> TrainParts:
@@ -74,7 +61,8 @@ def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> T
     )
     # The scheduler is stepped here once per applied optimizer step, not through Accelerate
     # (whose wrapper steps it once per process, and which DeepSpeed would not step at all).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg))
+    warmup = train_cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, train_cfg.steps, decay_start=warmup))
     model, opt = accelerator.prepare(model, opt)
     zero3 = zero_stage(dist_cfg) == 3
     module = accelerator.unwrap_model(model)
@@ -135,57 +123,57 @@ def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: N
     return losses, norm, finite
 
 
+EvalFn = Callable[[int, torch.nn.Module, Writers], object]
+
+
 def train_denoiser(
-    model_cfg: ModelConfig,
-    diffusion_cfg: DiffusionConfig,
-    train_cfg: TrainConfig,
+    *,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    distributed: DistributedConfig,
     accelerator: Accelerator,
-    data: LatentData | None,
+    batches: MemoryBatches | StreamBatches,
     run_dir: Path,
     seed: int,
     log: MetricsLog,
-    eval_fn: Callable[[int, torch.nn.Module], object] | None = None,
-    dist_cfg: DistributedConfig | None = None,
+    eval_fn: EvalFn | None = None,
     resume_from: Path | None = None,
     objective: Callable | None = None,
-    batches: MemoryBatches | StreamBatches | None = None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
-    """Train a U-Net on the latent cache; returns (model, EMA, summary). Checkpoints go to
-    ``run_dir/checkpoints``; ``resume_from`` continues a checkpoint exactly; ``eval_fn(step,
-    ema_model)`` runs every ``train.eval_every`` steps and at the end, on every rank. Raises
-    :class:`Preempted` after saving when SIGUSR1/SIGTERM arrives. ``objective`` replaces the
-    configured training objective (tests inject faults with it). ``batches`` replaces the
-    in-memory random batches of ``data`` (e.g. :class:`StreamBatches`; ``data`` may be None then)."""
-    dist_cfg = dist_cfg or DistributedConfig()
-    if batches is None:
-        batches = MemoryBatches(data, train_cfg.batch_size, seed, accelerator.process_index)
-    parts = build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed)
+    """Train a U-Net on the latent batches of ``batches`` (the caller picks the source, see
+    :func:`~ldm_train.train.batches.training_batches`); returns (model, EMA, summary). Checkpoints go to
+    ``run_dir/checkpoints``; ``resume_from`` continues a checkpoint exactly. ``eval_fn(step,
+    ema_model, writers)`` runs every ``train.eval_every`` steps and at the end, on every rank, and
+    writes through the run's one :class:`Writers`. Raises :class:`Preempted` after saving when
+    SIGUSR1/SIGTERM arrives. ``objective`` replaces the configured training objective (tests
+    inject faults with it)."""
+    parts = build_parts(model, train, distributed, accelerator, batches, seed)
     if resume_from is not None:
-        restore_training_state(parts, resume_from, dist_cfg.strategy)
-    device, total, gas = accelerator.device, train_cfg.steps, dist_cfg.gradient_accumulation_steps
-    schedule = build_schedule(diffusion_cfg)
-    loss_fn = objective or build_objective(diffusion_cfg)
+        restore_training_state(parts, resume_from, distributed.strategy)
+    device, total, gas = accelerator.device, train.steps, distributed.gradient_accumulation_steps
+    schedule = build_schedule(diffusion)
+    loss_fn = objective or build_objective(diffusion)
     null = batches.null_context.to(device, torch.float32)
-
-    timing = {"data": 0.0, "total": 0.0, "steps": 0}  # seconds since the last log line
+    step_model = torch.compile(parts.model) if train.compile else parts.model
+    flops = 3 * forward_flops(model, batches.manifest["latent_shape"], batches.context_shape)
+    peak = peak_flops(train, device)
+    writers = Writers(train, run_dir, accelerator.is_main_process)
+    bar = tqdm(total=total, initial=parts.counters.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    tel = Telemetry(log, writers, bar, train.batch_size, flops, peak)
+    signals, guard = SignalFlag(), NonFiniteGuard(train.max_nonfinite_steps)
+    watchdog = Watchdog(train.watchdog_seconds, accelerator.process_index)
+    guard.total = parts.counters.nonfinite_skipped
+    extra = {"strategy": distributed.strategy, "seed": seed}
+    t0, losses, ckpt = time.time(), [], None
 
     def next_batch():
         t = time.perf_counter()
         z, context = batches.next(device)
-        timing["data"] += time.perf_counter() - t
+        tel.data_seconds += time.perf_counter() - t
         return z, context, null, schedule
 
-    step_model = torch.compile(parts.model) if train_cfg.compile else parts.model
-    flops = 3 * forward_flops(model_cfg, batches.manifest["latent_shape"], batches.context_shape)
-    peak = peak_flops(train_cfg, device)
-    writers = Writers(train_cfg, run_dir, accelerator.is_main_process)
-    signals, guard = SignalFlag(), NonFiniteGuard(train_cfg.max_nonfinite_steps)
-    watchdog = Watchdog(train_cfg.watchdog_seconds, accelerator.process_index)
-    guard.total = parts.counters.nonfinite_skipped
-    extra = {"strategy": dist_cfg.strategy, "seed": seed}
-    t0, losses, window, ckpt = time.time(), [], [], None
-    start = parts.counters.step
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_main_process)
     try:
         while parts.counters.step < total:
             step = parts.counters.step
@@ -196,66 +184,63 @@ def train_denoiser(
             else:
                 micro = [next_batch() for _ in range(gas)]
                 step_losses, norm, finite = _ddp_step(
-                    parts, step_model, loss_fn, micro, train_cfg.grad_clip, dist_cfg.mixed_precision == "fp16"
+                    parts, step_model, loss_fn, micro, train.grad_clip, distributed.mixed_precision == "fp16"
                 )
             guard.record(finite, step)
             parts.counters.nonfinite_skipped = guard.total
             parts.counters.step = done = step + 1
-            parts.counters.samples_seen += train_cfg.batch_size * gas * accelerator.num_processes
-            if finite and done % train_cfg.ema_every == 0:
-                parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero_stage(dist_cfg) == 3))
-            window.extend(step_losses)  # tensors: no host sync until the log step
-            timing["total"] += time.perf_counter() - t_step
-            timing["steps"] += 1
+            parts.counters.samples_seen += train.batch_size * gas * accelerator.num_processes
+            if finite and done % train.ema_every == 0:
+                parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero_stage(distributed) == 3))
+            tel.losses.extend(step_losses)
+            tel.seconds += time.perf_counter() - t_step
+            tel.steps += 1
             bar.update(1)
-            if done % train_cfg.log_every == 0 or done == total:
-                value = _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak)
-                losses.append((step, value))
+            if done % train.log_every == 0 or done == total:
+                losses.append((step, _log(parts, tel, norm)))
             stop = any_rank_true(signals.raised, accelerator)
-            if done % train_cfg.checkpoint_every == 0 or done == total or stop or done in train_cfg.milestones:
-                ckpt = save_training_state(parts, run_dir / "checkpoints", train_cfg.keep_checkpoints, train_cfg.milestones, extra)
-            every = train_cfg.eval_every
+            if done % train.checkpoint_every == 0 or done == total or stop or done in train.milestones:
+                ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
+            every = train.eval_every
             if not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total):
-                eval_fn(done, ema_model(model_cfg, parts, device))  # every rank: sampling is split
+                eval_fn(done, ema_model(model, parts, device), writers)  # every rank: sampling is split
             if stop and done < total:
                 raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
     finally:
-        bar.close()
+        tel.close()
         signals.close()
         watchdog.close()
-        writers.close()
     tail = [v for _, v in losses[-5:]] or [float("nan")]
     result = TrainResult(total, sum(tail) / len(tail), time.time() - t0, ckpt, losses, resume_from, guard.total)
     return accelerator.unwrap_model(parts.model), parts.ema, result
 
 
-def _log(parts, train_cfg, log, writers, bar, window, timing, norm, flops, peak) -> float:
+def _log(parts: TrainParts, tel: Telemetry, norm: float) -> float:
     """Mean loss over the interval (not one noisy batch), rates and memory; rank 0 writes."""
     acc, counters = parts.accelerator, parts.counters
-    value = torch.stack(window).mean().item() if window else float("nan")
-    window.clear()
-    seconds = timing["total"]
-    per_rank_samples = train_cfg.batch_size * parts.accelerator.gradient_accumulation_steps * timing["steps"]
+    value = torch.stack(tel.losses).mean().item() if tel.losses else float("nan")
+    seconds, steps = tel.seconds, max(tel.steps, 1)
+    per_rank_samples = tel.batch_size * acc.gradient_accumulation_steps * tel.steps
     img_s = per_rank_samples * acc.num_processes / max(seconds, 1e-9)
     record = {
         "loss": value,
         "grad_norm": norm,
         "lr": parts.optimizer.param_groups[0]["lr"],
         "img_per_s": round(img_s, 2),
-        "step_time": round(seconds / max(timing["steps"], 1), 5),
-        "data_time": round(timing["data"] / max(timing["steps"], 1), 5),
-        "compute_time": round((seconds - timing["data"]) / max(timing["steps"], 1), 5),
+        "step_time": round(seconds / steps, 5),
+        "data_time": round(tel.data_seconds / steps, 5),
+        "compute_time": round((seconds - tel.data_seconds) / steps, 5),
         "samples_seen": counters.samples_seen,
         "nonfinite_skipped": counters.nonfinite_skipped,
         **memory_gib(acc.device),
     }
-    if peak is not None:  # FLOPs per sample x samples per second per device / peak per device
-        record["mfu"] = round(flops * per_rank_samples / max(seconds, 1e-9) / peak, 4)
-    timing.update(data=0.0, total=0.0, steps=0)
+    if tel.peak is not None:  # FLOPs per sample x samples per second per device / peak per device
+        record["mfu"] = round(tel.flops * per_rank_samples / max(seconds, 1e-9) / tel.peak, 4)
+    tel.reset()
     if acc.is_main_process:
-        log.write(stage="train", step=counters.step - 1, **record)
-        writers.scalars(counters.step, record)
-        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{img_s:.1f}")
+        tel.log.write(stage="train", step=counters.step - 1, **record)
+        tel.writers.scalars(counters.step, record)
+        tel.bar.set_postfix(loss=f"{value:.4f}", img_s=f"{img_s:.1f}")
     return value
 
 

@@ -9,13 +9,17 @@ PaLM's appendix B), and attention's FLOPs are included because the counter sees 
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..model import build_unet
+from ..utils.runs import MetricsLog
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, by name fragment.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -54,7 +58,9 @@ def memory_gib(device: torch.device) -> dict[str, float]:
 
 
 class Writers:
-    """TensorBoard and wandb sinks for rank 0 (none elsewhere); JSON lines go through MetricsLog."""
+    """TensorBoard and wandb sinks for rank 0 (none elsewhere); JSON lines go through MetricsLog.
+    One per run: the loop makes it and hands it to the periodic evaluation, so training scalars
+    and sample grids land in one TensorBoard event file."""
 
     def __init__(self, train_cfg: TrainConfig, run_dir: Path, enabled: bool, config: dict | None = None):
         self.tb = None
@@ -81,9 +87,39 @@ class Writers:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in numbers.items()}, step=step)
 
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An ``H x W x 3`` uint8 image (a sample grid) to TensorBoard."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
 
+
+@dataclass
+class Telemetry:
+    """Where the loop reports (JSON lines, the writers, the progress bar), the constants of its
+    rates, and what it has gathered since the last log line: step losses (tensors, so that the
+    host syncs only when a line is written), seconds in all and waiting for data, steps."""
+
+    log: MetricsLog
+    writers: Writers
+    bar: tqdm
+    batch_size: int  # per rank and micro-batch
+    flops: float  # per sample, forward + backward
+    peak: float | None  # FLOP/s of one device; None: no MFU
+    losses: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.losses, self.seconds, self.data_seconds, self.steps = [], 0.0, 0.0, 0
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writers.close()

@@ -114,13 +114,13 @@ def test_inception_offline_reports_cleanly(tmp_path):
     for path in (None, tmp_path / "missing.pth"):
         with pytest.raises(MetricsUnavailable) as e:
             load_inception(path)
-        assert "eval.inception_weights" in str(e.value) and "pt_inception-2015-12-05-6726825d.pth" in str(e.value)
-    with pytest.raises(MetricsUnavailable, match="eval.inception_weights"):
+        assert "eval.metrics.inception_weights" in str(e.value) and "pt_inception-2015-12-05-6726825d.pth" in str(e.value)
+    with pytest.raises(MetricsUnavailable, match="eval.metrics.inception_weights"):
         compute_fid_kid(images(4), images(4), 2048, None, {}, 2)
     out = evaluate_images(images(4), images(4, seed=1), ["a", "b", "c", "d"], inception_weights=None,
                           clip_model="ViT-B-32", clip_weights=None)
-    assert out["fid"] is None and out["kid_mean"] is None and "eval.inception_weights" in out["fid_error"]
-    assert out["clip_score"] is None and "eval.clip_weights" in out["clip_error"]
+    assert out["fid"] is None and out["kid_mean"] is None and "eval.metrics.inception_weights" in out["fid_error"]
+    assert out["clip_score"] is None and "eval.metrics.clip_weights" in out["clip_error"]
     assert out["fid_seconds"] < 2 and out["clip_seconds"] < 2  # no download attempt timing out
     json.dumps(out)
 
@@ -129,7 +129,7 @@ def test_bad_inception_file_is_unavailable(tmp_path):
     pytest.importorskip("torch_fidelity")
     bad = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save({"not": torch.zeros(1)}, bad)
-    with pytest.raises(MetricsUnavailable, match="eval.inception_weights"):
+    with pytest.raises(MetricsUnavailable, match="eval.metrics.inception_weights"):
         load_inception(bad)
 
 
@@ -185,8 +185,8 @@ def test_clip_score_matches_hand_computation(tiny_clip):
 def test_clip_offline_and_evaluate_images_runs_what_is_available(tiny_clip, feat, tmp_path):
     with pytest.raises(MetricsUnavailable) as e:
         clip_score(images(2), ["a", "b"], TINY_CLIP, tmp_path / "none.safetensors")
-    assert "eval.clip_weights" in str(e.value) and "eval.clip_model" in str(e.value)
-    with pytest.raises(MetricsUnavailable, match="eval.clip_model"):
+    assert "eval.metrics.clip_weights" in str(e.value) and "eval.metrics.clip_model" in str(e.value)
+    with pytest.raises(MetricsUnavailable, match="eval.metrics.clip_model"):
         clip_score(images(2), ["a", "b"], "no-such-clip-arch", tiny_clip)
     out = evaluate_images(images(8, seed=2), images(8), ["x"] * 8, feature=feat, reference_cache=tmp_path,
                           reference_key={"d": 1}, kid_subset_size=4, kid_subsets=3,

@@ -35,5 +35,5 @@ def test_guidance_sweep_writes_one_grid_and_record_per_scale(micro_run, tmp_path
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [r["protocol"]["guidance_scale"] for r in evals] == [1.0, 4.0]
     # offline without weights: the metrics say why they are missing, and training went on
-    assert all(r["fid"] is None and "eval.inception_weights" in r["fid_error"] for r in evals)
-    assert all(r["clip_score"] is None and "eval.clip_weights" in r["clip_error"] for r in evals)
+    assert all(r["fid"] is None and "eval.metrics.inception_weights" in r["fid_error"] for r in evals)
+    assert all(r["clip_score"] is None and "eval.metrics.clip_weights" in r["clip_error"] for r in evals)

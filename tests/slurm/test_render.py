@@ -189,8 +189,7 @@ def test_slurm_keys_may_change_between_jobs_of_a_run(tmp_path):
     """A run resubmitted with other Slurm settings (more requeues, another partition) is the
     same run: the stages' config check ignores ``slurm.*`` but still refuses real changes."""
     from ldm_train.config import load_config
-    from ldm_train.stages import record_config
-    from ldm_train.utils.runs import OutputExistsError
+    from ldm_train.utils.runs import OutputExistsError, record_config
 
     micro = REPO / "configs" / "micro.yaml"
     record_config(load_config(micro, [f"run.dir={tmp_path}"]), False)

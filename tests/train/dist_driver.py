@@ -18,6 +18,7 @@ from conftest import MICRO  # noqa: E402
 from ldm_train.config import load_config  # noqa: E402
 from ldm_train.diffusion import build_objective  # noqa: E402
 from ldm_train.latents.cache import LatentData, load_latents  # noqa: E402
+from ldm_train.train.batches import MemoryBatches  # noqa: E402
 from ldm_train.train.loop import train_denoiser  # noqa: E402
 from ldm_train.train.strategy import gather_chunks, make_accelerator  # noqa: E402
 from ldm_train.utils.runs import MetricsLog  # noqa: E402
@@ -59,8 +60,9 @@ def main() -> None:
             return (loss * float("nan") if len(calls) == nan_at and acc.process_index == 1 else loss), stats
 
     model, ema, result = train_denoiser(
-        cfg.model, cfg.diffusion, train_cfg, acc, data, run, cfg.run.seed, MetricsLog(run / "metrics.jsonl"),
-        dist_cfg=cfg.distributed, objective=objective,
+        model=cfg.model, diffusion=cfg.diffusion, train=train_cfg, distributed=cfg.distributed, accelerator=acc,
+        batches=MemoryBatches(data, train_cfg.batch_size, cfg.run.seed, acc.process_index), run_dir=run,
+        seed=cfg.run.seed, log=MetricsLog(run / "metrics.jsonl"), objective=objective,
     )
     zero3 = strategy == "zero3"
     params = list(model.parameters())

@@ -10,12 +10,22 @@ from ldm_train.cli import main
 from ldm_train.diffusion import build_objective, build_schedule, sample_from_config
 from ldm_train.eval.pipeline import load_pipeline
 from ldm_train.eval.sample import generate
+from ldm_train.train.batches import MemoryBatches
 from ldm_train.train.loop import make_accelerator, train_denoiser
 from ldm_train.utils.runs import MetricsLog
 
 from conftest import MICRO
 
 CPU = torch.device("cpu")
+
+
+def train(micro_run, latents, tmp_path, model_cfg, diffusion_cfg, train_cfg):
+    cfg = micro_run.cfg
+    return train_denoiser(
+        model=model_cfg, diffusion=diffusion_cfg, train=train_cfg, distributed=cfg.distributed,
+        accelerator=make_accelerator(cfg.distributed), batches=MemoryBatches(latents, train_cfg.batch_size, 0, 0),
+        run_dir=tmp_path / "run", seed=0, log=MetricsLog(tmp_path / "m.jsonl"),
+    )
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "heun", "dpmpp_2m"])
@@ -34,10 +44,7 @@ def test_learned_variance_trains_with_the_hybrid_loss_and_samples_with_iddpm(mic
     model_cfg = cfg.model.model_copy(update={"out_channels": 2 * cfg.model.in_channels})
     diffusion_cfg = cfg.diffusion.model_copy(update={"iddpm": cfg.diffusion.iddpm.model_copy(update={"learned_variance": True})})
     train_cfg = cfg.train.model_copy(update={"steps": 3, "log_every": 1})
-    model, _, result = train_denoiser(
-        model_cfg, diffusion_cfg, train_cfg, make_accelerator(cfg.distributed), micro_latents,
-        tmp_path / "run", 0, MetricsLog(tmp_path / "m.jsonl"),
-    )
+    model, _, result = train(micro_run, micro_latents, tmp_path, model_cfg, diffusion_cfg, train_cfg)
     assert all(math.isfinite(v) for _, v in result.losses)
     eval_cfg = cfg.eval.model_copy(update={"sampler": "ddpm", "steps": 5})
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -107,10 +114,7 @@ def test_score_based_formulations_train_and_sample(micro_run, micro_latents, tmp
         "sde": d.sde.model_copy(update={"sigma_max": 5.0}),
     })
     train_cfg = cfg.train.model_copy(update={"steps": 3, "log_every": 1})
-    model, _, result = train_denoiser(
-        cfg.model, diffusion_cfg, train_cfg, make_accelerator(cfg.distributed), micro_latents,
-        tmp_path / "run", 0, MetricsLog(tmp_path / "m.jsonl"),
-    )
+    model, _, result = train(micro_run, micro_latents, tmp_path, cfg.model, diffusion_cfg, train_cfg)
     assert len(result.losses) == 3 and all(math.isfinite(v) for _, v in result.losses)
     eval_cfg = cfg.eval.model_copy(update={"sampler": sampler, "steps": 3,
                                            "samplers": {"annealed_langevin": {"steps_per_sigma": 1}}})

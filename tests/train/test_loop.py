@@ -16,7 +16,9 @@ from ldm_train.train.checkpoint import (
     load_weights,
     read_state,
 )
-from ldm_train.train.loop import lr_lambda, make_accelerator, train_denoiser
+from ldm_train.train.batches import MemoryBatches
+from ldm_train.train.loop import make_accelerator, train_denoiser
+from ldm_train.utils.lr import warmup_cosine
 from ldm_train.utils.runs import MetricsLog
 
 
@@ -30,8 +32,10 @@ def train(micro_run, data, run_dir, seed=0, **train_overrides):
     cfg = micro_run.cfg
     tc = cfg.train.model_copy(update=train_overrides)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    acc = make_accelerator(cfg.distributed)
     model, ema, result = train_denoiser(
-        cfg.model, cfg.diffusion, tc, make_accelerator(cfg.distributed), data, run_dir, seed, log
+        model=cfg.model, diffusion=cfg.diffusion, train=tc, distributed=cfg.distributed, accelerator=acc,
+        batches=MemoryBatches(data, tc.batch_size, seed, acc.process_index), run_dir=run_dir, seed=seed, log=log,
     )
     return model, ema, result, log
 
@@ -137,7 +141,7 @@ def test_final_step_always_checkpointed(micro_run, micro_latents, tmp_path):
 
 def test_lr_lambda_warmup_then_cosine(micro_run):
     tc = micro_run.cfg.train.model_copy(update={"steps": 10, "warmup_steps": 4})
-    f = lr_lambda(tc)
+    f = warmup_cosine(tc.warmup_steps, tc.steps, decay_start=tc.warmup_steps)  # the denoiser's
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f(4) == pytest.approx(1.0)
     assert f(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))

@@ -20,6 +20,7 @@ from ldm_train.config import load_config
 from ldm_train.diffusion import build_objective
 from ldm_train.errors import Preempted
 from ldm_train.train import checkpoint as ck
+from ldm_train.train.batches import MemoryBatches
 from ldm_train.train.control import NonFiniteError, Watchdog
 from ldm_train.train.loop import make_accelerator, train_denoiser
 from ldm_train.train.strategy import deepspeed_config
@@ -45,8 +46,9 @@ def loop(micro_run, micro_latents, run, objective=None, resume_from=None, **trai
     cfg = micro_run.cfg
     tc = cfg.train.model_copy(update={"log_every": 1, **train})
     return train_denoiser(
-        cfg.model, cfg.diffusion, tc, make_accelerator(cfg.distributed), micro_latents, run, 0,
-        MetricsLog(run / "metrics.jsonl"), dist_cfg=cfg.distributed, resume_from=resume_from, objective=objective,
+        model=cfg.model, diffusion=cfg.diffusion, train=tc, distributed=cfg.distributed,
+        accelerator=make_accelerator(cfg.distributed), batches=MemoryBatches(micro_latents, tc.batch_size, 0, 0),
+        run_dir=run, seed=0, log=MetricsLog(run / "metrics.jsonl"), resume_from=resume_from, objective=objective,
     )
 
 
