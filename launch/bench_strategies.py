@@ -41,6 +41,7 @@ def worker(args) -> None:
 
     from ldm_train.config import DistributedConfig, TrainConfig, DiffusionConfig
     from ldm_train.latents.cache import LatentData
+    from ldm_train.train.batches import MemoryBatches
     from ldm_train.train.loop import train_denoiser
     from ldm_train.train.strategy import make_accelerator
     from ldm_train.utils.runs import MetricsLog
@@ -63,8 +64,10 @@ def worker(args) -> None:
                             tensorboard=False, watchdog_seconds=0)
     acc = make_accelerator(dist_cfg, train_cfg)
     run = Path(args.run)
-    model, ema, _ = train_denoiser(model_cfg, DiffusionConfig(), train_cfg, acc, data, run, 0,
-                                   MetricsLog(run / f"metrics-{acc.process_index}.jsonl"), dist_cfg=dist_cfg)
+    model, ema, _ = train_denoiser(
+        model=model_cfg, diffusion=DiffusionConfig(), train=train_cfg, distributed=dist_cfg, accelerator=acc,
+        batches=MemoryBatches(data, batch, 0, acc.process_index), run_dir=run, seed=0,
+        log=MetricsLog(run / f"metrics-{acc.process_index}.jsonl"))
     zero3 = args.strategy == "zero3"
     params = list(model.parameters())
     report = {
