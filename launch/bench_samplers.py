@@ -59,6 +59,7 @@ GaussianMixture = _analytic.GaussianMixture
 as_discrete_model = _analytic.as_discrete_model
 as_vp_score = _analytic.as_vp_score
 sliced_wasserstein = _analytic.sliced_wasserstein
+Counter = _analytic.Counter
 
 F64 = torch.float64
 
@@ -70,17 +71,6 @@ def target_mixture() -> GaussianMixture:
         torch.tensor([[[0.3, 0.15], [0.15, 0.2]], [[0.1, -0.05], [-0.05, 0.4]], [[0.5, 0.0], [0.0, 0.05]]],
                      dtype=F64),
     )
-
-
-class Counter:
-    """Wraps a denoiser/score callable and counts its calls (= NFE; no guidance here)."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 def build_samplers(gmm: GaussianMixture):

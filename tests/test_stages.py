@@ -27,3 +27,28 @@ def test_record_config_treats_keys_missing_from_an_older_file_as_their_defaults(
     record_config(cfg, False, write=False)
     with pytest.raises(OutputExistsError, match="train.data_source"):
         record_config(load_config(None, [f"run.dir={tmp_path}", "train.data_source=stream"]), False, write=False)
+
+
+def test_record_config_accepts_a_run_written_before_keys_moved(tmp_path):
+    """A run folder whose config.yaml has the flat diffusion/eval keys of before (diffusion.loss_weighting,
+    eval.eta, eval.inception_weights, ...) is the same run as today's config with the keys nested."""
+    import yaml
+
+    from ldm_train.config import MOVED, load_config
+    from ldm_train.utils.runs import OutputExistsError, record_config
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "diffusion.loss.weighting=min_snr", "eval.samplers.ddim.eta=0.5"])
+    path = record_config(cfg, False)
+    old = yaml.safe_load(path.read_text())
+    d, e = old["diffusion"], old["eval"]
+    d.update(loss_weighting=d.pop("loss")["weighting"], min_snr_gamma=5.0, learned_variance=False, t_eps=1e-5)
+    for section in ("iddpm", "sde", "ncsn", "score_matching"):
+        del d[section]
+    e.update(eta=0.5, spacing="leading", s_churn=0.0, **e.pop("metrics"))
+    del e["samplers"]
+    assert any(f"diffusion.{k}" in MOVED for k in d) and any(f"eval.{k}" in MOVED for k in e)
+    path.write_text(yaml.safe_dump(old))
+    record_config(cfg, False, write=False)  # the same run: may resume
+    assert load_config(path).diffusion.loss.weighting == "min_snr"  # resolved file: read with keys moved
+    with pytest.raises(OutputExistsError, match="diffusion.loss"):
+        record_config(load_config(None, [f"run.dir={tmp_path}", "eval.samplers.ddim.eta=0.5"]), False, write=False)

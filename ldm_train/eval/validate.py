@@ -9,6 +9,7 @@ import torch
 
 from ..autoencoder.vae import to_latent
 from ..diffusion import NoiseSchedule
+from ..diffusion.parameterization import target
 from ..latents.cache import LatentData
 
 
@@ -37,7 +38,7 @@ def validation_loss(
             eps = noise[t_val][i : i + batch_size].to(device)
             t = torch.full((x0.shape[0],), t_val, dtype=torch.int64, device=device)
             out = unet(schedule.add_noise(x0, eps, t), t, context)[:, : x0.shape[1]]  # mean part if 2C
-            target = schedule.target(x0, eps, t, prediction_type)
-            sums[t_val] += torch.nn.functional.mse_loss(out.float(), target.float(), reduction="sum").item()
+            want = target(schedule, x0, eps, t, prediction_type)
+            sums[t_val] += torch.nn.functional.mse_loss(out.float(), want.float(), reduction="sum").item()
     per_t = {f"t{t}": s / x0_all.numel() for t, s in sums.items()}
     return {"val_loss": sum(per_t.values()) / len(per_t), **per_t}

@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ..errors import UserError
 from ..text.encoder import TextEncoder, load_text_encoder
-from ..utils.runs import OutputExistsError
+from ..utils.runs import check_output
 
 VOCAB_SIZE = 49408
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # HF names of open_clip's <start_of_text>/<end_of_text>
@@ -240,8 +240,7 @@ def _check_paths(export_dir: Path, out_dir: Path, overwrite: bool) -> None:
         )
     if out_dir.resolve() == export_dir.resolve():
         raise SDPipelineError(f"the pipeline folder must differ from the export folder {export_dir}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise OutputExistsError(f"pipeline folder {out_dir} already exists; pass --overwrite to replace it")
+    check_output(out_dir, overwrite, "diffusers pipeline")
 
 
 def write_sd_pipeline(export_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:

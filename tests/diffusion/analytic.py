@@ -234,3 +234,14 @@ def dsm_loss(
     x_noisy = x + s * z
     score = score_fn(x_noisy, sigma)
     return 0.5 * (s * score + z).pow(2).flatten(1).sum(1).mean()
+
+
+class Counter:
+    """Wraps a denoiser/score callable and counts its calls (= NFE; no guidance here)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)

@@ -9,7 +9,7 @@ from ldm_train.diffusion.samplers.langevin import sample_annealed_langevin
 from ldm_train.diffusion.samplers.sde import sample_pc, sample_pf_ode, sde_grid
 from ldm_train.diffusion.sdes import VESDE, SubVPSDE, VPSDE, tweedie_denoise
 
-from analytic import GaussianMixture, as_vp_score
+from analytic import Counter, GaussianMixture, as_vp_score
 
 F64 = torch.float64
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
@@ -66,15 +66,6 @@ def test_prior_sample():
     assert float(x.std()) == pytest.approx(50.0, rel=0.02)
     y = SDES["vp"].prior_sample((3, 2), gen(0), dtype=F64)
     torch.testing.assert_close(y, torch.randn(3, 2, generator=gen(0), dtype=F64) * float(SDES["vp"].marginal(1.0)[1]))
-
-
-class Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 GMM = GaussianMixture(torch.tensor([0.5, 0.5], dtype=F64), torch.tensor([[-1.0, 0.0], [1.0, 0.5]], dtype=F64),

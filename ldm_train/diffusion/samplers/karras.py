@@ -70,46 +70,40 @@ def _churn(x, sigma, n, generator, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
-@torch.no_grad()
-def sample_euler(
-    D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
-    callback: Callback | None = None, s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0,
-    s_tmax: NonNegative = math.inf, s_noise: NonNegative = 1.0,
-) -> torch.Tensor:
-    """EDM Alg. 2 with the Euler step only (lines 7-8): first order, N = len(sigmas) - 1 evaluations."""
+def _alg2(D, x, sigmas, generator, callback, churn: tuple, heun: bool) -> torch.Tensor:
+    """EDM Alg. 2: churn (lines 4-6), the Euler step (7-8) and, with ``heun``, the trapezoidal
+    correction (9-11) on every step but the last to σ = 0."""
     s = [float(v) for v in sigmas]
     n = len(s) - 1
     for i in range(n):
-        x, sigma_hat = _churn(x, s[i], n, generator, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churn(x, s[i], n, generator, *churn)
         d = (x - D(x, sigma_hat)) / sigma_hat  # line 7: d_i = (x̂_i - D(x̂_i; t̂_i)) / t̂_i
-        x = x + (s[i + 1] - sigma_hat) * d  # line 8: x_{i+1} = x̂_i + (t_{i+1} - t̂_i) d_i
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-@torch.no_grad()
-def sample_heun(
-    D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
-    callback: Callback | None = None, s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0,
-    s_tmax: NonNegative = math.inf, s_noise: NonNegative = 1.0,
-) -> torch.Tensor:
-    """EDM Alg. 2 in full: Euler predictor plus the trapezoidal (Heun) correction, second order;
-    the last step to σ = 0 stays Euler (line 9). 2N - 1 evaluations for N steps ending at 0."""
-    s = [float(v) for v in sigmas]
-    n = len(s) - 1
-    for i in range(n):
-        x, sigma_hat = _churn(x, s[i], n, generator, s_churn, s_tmin, s_tmax, s_noise)
-        d = (x - D(x, sigma_hat)) / sigma_hat  # line 7
         dt = s[i + 1] - sigma_hat
-        x_next = x + dt * d  # line 8 (Euler predictor)
-        if s[i + 1] != 0:  # line 9
+        x_next = x + dt * d  # line 8: x_{i+1} = x̂_i + (t_{i+1} - t̂_i) d_i
+        if heun and s[i + 1] != 0:  # line 9
             d_prime = (x_next - D(x_next, s[i + 1])) / s[i + 1]  # line 10
             x_next = x + dt * (0.5 * d + 0.5 * d_prime)  # line 11 (trapezoidal rule)
         x = x_next
         if callback is not None:
             callback(i, x)
     return x
+
+
+@torch.no_grad()
+def sample_euler(D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None,
+                 s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0, s_tmax: NonNegative = math.inf,
+                 s_noise: NonNegative = 1.0) -> torch.Tensor:
+    """EDM Alg. 2 with the Euler step only (lines 7-8): first order, N = len(sigmas) - 1 evaluations."""
+    return _alg2(D, x, sigmas, generator, callback, (s_churn, s_tmin, s_tmax, s_noise), heun=False)
+
+
+@torch.no_grad()
+def sample_heun(D: SigmaDenoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None,
+                s_churn: NonNegative = 0.0, s_tmin: NonNegative = 0.0, s_tmax: NonNegative = math.inf,
+                s_noise: NonNegative = 1.0) -> torch.Tensor:
+    """EDM Alg. 2 in full: Euler predictor plus the trapezoidal (Heun) correction, second order;
+    the last step to σ = 0 stays Euler (line 9). 2N - 1 evaluations for N steps ending at 0."""
+    return _alg2(D, x, sigmas, generator, callback, (s_churn, s_tmin, s_tmax, s_noise), heun=True)
 
 
 @torch.no_grad()
