@@ -633,4 +633,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def dump_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (after overrides) so a run folder says how it was made."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    path.write_text(config_yaml(cfg), encoding="utf-8")
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML: what :func:`dump_config` writes and ``ldm-train config show`` prints."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
