@@ -68,7 +68,7 @@ def data_hf(cfg: Config, dataset: str, split: str | None, image_column: str, cap
 
 
 def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
-    record_config(cfg, overwrite)
+    record_config(cfg, overwrite, stage="train-vae")
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
     report = SkipReport()
@@ -95,7 +95,7 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
     summary, failures = {}, []
     with RankGroup(ranks) as group:
         # rank 0 records the config and builds the text tower once; the others then load it
-        group.rank0_first(lambda: (record_config(cfg, overwrite), prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir))))
+        group.rank0_first(lambda: (record_config(cfg, overwrite, stage="encode"), prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir))))
         vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
         text = prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir)).to(device)
         enc = Encoders(vae, text, cfg.latents, cfg.data.resolution, device, cfg.run.seed,
@@ -120,14 +120,16 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     run = cfg.path("{run}")
     ckpts = run / "checkpoints"
     resume = None if overwrite else latest_checkpoint(ckpts)
-    record_config(cfg, overwrite, RESUMABLE if resume is not None else (), write=False)  # every rank checks
+    # every rank checks: the latent cache against the config; a resume, the training keys but RESUMABLE ones
+    # (a first train, with nothing to resume, may set any training key)
+    record_config(cfg, resume is None, RESUMABLE, write=False, stage="train")
     if resume is None:
         check_output(ckpts, overwrite, "train", note="no complete checkpoint in it to resume from")
     accelerator = make_accelerator(cfg.distributed, cfg.train)
     batches = training_batches(cfg.path(cfg.latents.dir) / "train", train=cfg.train, loader=cfg.latents.loader,
                                seed=cfg.run.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if accelerator.is_main_process:
-        record_config(cfg, True)
+        record_config(cfg, True, stage="train")
         if resume is None:
             prepare_output(ckpts, overwrite, "train")
         write_status(run, "running", checkpoint_step(resume) if resume else 0, processes=accelerator.num_processes)

@@ -48,24 +48,114 @@ RESUMABLE = (
 )
 
 
-def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = (), write: bool = True) -> Path:
-    """Write ``{run}/config.yaml``; refuse to replace one that describes a different run (keys in
-    ``may_differ``, such as ``train.steps`` when resuming, may change)."""
-    path = cfg.path("{run}") / "config.yaml"
-    if path.is_file() and not overwrite:
-        # written by an older version: its moved keys in today's places, a key it lacks as its default
-        old = with_defaults(migrate(yaml.safe_load(path.read_text()) or {}))
-        new = cfg.model_dump()
-        diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        # slurm.* says how a run is submitted, not what it computes: it may change between jobs
-        diff = [d for d in diff if d not in may_differ and not d.startswith("slurm.")]
+# What each stage pins: the config keys that shaped its inputs and outputs. A rerun of the stage
+# in the same run folder (resuming it) is compared on these only, so another stage's settings may
+# change freely; slurm.*, eval.*, export.* pin nothing. Dotted prefixes of ``section.key``.
+STAGE_PINS = {
+    "train-vae": ("data", "autoencoder", "run.seed"),
+    "encode": ("data", "autoencoder", "text", "latents"),  # + run.seed with latents.store: sample
+    "train": ("model", "diffusion", "train", "distributed", "latents.loader", "run.seed"),
+}
+# What the latent cache ``train`` reads was made with (the encode record's keys, checked always).
+CACHE_PINS = ("data", "autoencoder", "text", "latents")
+NOT_PINNED = {"encode": ("latents.loader",), "cache": ("latents.loader",)}  # the training loader
+
+
+class LatentCacheMismatchError(UserError):
+    """The latent cache was encoded with other settings than the config says; the message names them."""
+
+
+def stage_record(run: Path, stage: str) -> Path:
+    return run / "stages" / f"{stage}.yaml"
+
+
+def _read_record(path: Path) -> dict:
+    # written by an older version: its moved keys in today's places, a key it lacks as its default
+    return with_defaults(migrate(yaml.safe_load(path.read_text()) or {}))
+
+
+def _pinned(key: str, pins: tuple[str, ...], skip: tuple[str, ...]) -> bool:
+    under = lambda k, p: k == p or k.startswith(p + ".")  # noqa: E731
+    return any(under(key, p) for p in pins) and not any(under(key, s) for s in skip)
+
+
+def _diff(old: dict, new: dict, pins: tuple[str, ...] | None, skip: tuple[str, ...] = ()) -> list[str]:
+    """``section.key`` names whose values differ, among ``pins`` (None: every key but slurm.*)."""
+    diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    if pins is None:  # slurm.* says how a run is submitted, not what it computes: it may change between jobs
+        return [d for d in diff if d not in skip and not d.startswith("slurm.")]
+    return [d for d in diff if _pinned(d, pins, skip)]
+
+
+def stage_pins(stage: str, cfg: Config) -> tuple[str, ...]:
+    seeded = stage == "encode" and cfg.latents.store == "sample"  # run.seed seeds the fixed draw
+    return STAGE_PINS[stage] + (("run.seed",) if seeded else ())
+
+
+def _own_record(run: Path, stage: str) -> Path | None:
+    """The stage's record; in a run folder of an older version (no ``stages/``), whose config.yaml
+    was compared whole by every stage, that config.yaml."""
+    path = stage_record(run, stage)
+    if path.is_file():
+        return path
+    legacy = run / "config.yaml"
+    return legacy if not (run / "stages").is_dir() and legacy.is_file() else None
+
+
+def check_latent_cache(cfg: Config) -> None:
+    """Refuse a latent cache (``{latents.dir}/train``) encoded with other data/autoencoder/text/latents
+    settings than ``cfg`` says: from the encode record of this run when it describes this cache,
+    and from what the cache's manifest and fingerprint record (any cache, also one copied in)."""
+    run, cache = cfg.path("{run}"), cfg.path(cfg.latents.dir) / "train"
+    new = cfg.model_dump()
+    diff = []
+    record = _own_record(run, "encode")
+    if record is not None:
+        old = _read_record(record)
+        if old["latents"]["dir"] == cfg.latents.dir:  # else the record is of another cache
+            diff = _diff(old, new, CACHE_PINS, NOT_PINNED["cache"])
+    manifest, fp = cache / "manifest.json", cache / "encode_progress" / "fingerprint.json"
+    if manifest.is_file():  # (an incomplete cache is refused by the loader)
+        m = json.loads(manifest.read_text())
+        said = {"data.resolution": (m.get("resolution"), cfg.data.resolution), "latents.dtype": (m.get("dtype"), cfg.latents.dtype),
+                "latents.store": (m.get("store"), cfg.latents.store), "latents.text": (m.get("text"), cfg.latents.text)}
+        pre = json.loads(fp.read_text()).get("preprocessing") if fp.is_file() else None
+        if isinstance(pre, dict):
+            opts = cfg.data.read_options()
+            said.update({f"data.{k}": (pre.get(o), opts[o]) for k, o in (("min_size", "min_size"), ("crop", "crop"), ("crop_seed", "seed"))})
+        diff += [k for k, (was, now) in said.items() if was is not None and was != now and k not in diff]
+    if diff:
+        raise LatentCacheMismatchError(
+            f"latent cache {cache} was encoded with other settings than this config (differs in "
+            f"{', '.join(diff[:6])}); set them back, or re-encode: ldm-train encode --overwrite with this config"
+        )
+
+
+def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = (), write: bool = True,
+                  stage: str | None = None) -> Path:
+    """Write ``{run}/config.yaml`` (the resolved config of the last stage run); refuse to replace
+    one that describes a different run (keys in ``may_differ``, such as ``train.steps`` when
+    resuming, may change). With ``stage`` (train-vae, encode, train), only the keys that stage pins
+    (:data:`STAGE_PINS`) are compared, with ``{run}/stages/{stage}.yaml`` (its record, also
+    written); ``train`` also checks the latent cache it reads (:func:`check_latent_cache`), with
+    or without ``overwrite``."""
+    run = cfg.path("{run}")
+    path = run / "config.yaml"
+    record = path if stage is None else _own_record(run, stage)
+    if stage == "train":
+        check_latent_cache(cfg)
+    if record is not None and record.is_file() and not overwrite:
+        pins = None if stage is None else stage_pins(stage, cfg)
+        diff = _diff(_read_record(record), cfg.model_dump(), pins, may_differ + NOT_PINNED.get(stage, ()))
         if diff:
             raise OutputExistsError(
-                f"{path} holds a different run (differs in {', '.join(diff[:6])}); "
+                f"{record} holds a different {stage + ' ' if stage else ''}run (differs in {', '.join(diff[:6])}); "
                 "pass --overwrite to replace it, or set run.dir to a new folder"
             )
     if write:
         dump_config(cfg, path)
+        if stage is not None:
+            dump_config(cfg, stage_record(run, stage))
     return path
 
 
