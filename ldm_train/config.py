@@ -25,26 +25,30 @@ class Section(BaseModel):
 class RunConfig(Section):
     """Where outputs go. Every stage writes below ``dir``; see README "Where outputs go"."""
 
-    dir: str = "runs/demo"
-    seed: int = 0
+    dir: str = Field("runs/demo", description="the run folder every stage writes below; `{run}` in paths expands to it")
+    seed: int = Field(0, description="seed of data order, noise and initialisation")
 
 
 class EmojiDataConfig(Section):
     """The built-in dataset: Noto Color Emoji glyphs captioned with their English names."""
 
-    font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-    resolution: int = Field(64, gt=0)
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    shard_size: int = Field(1000, gt=0)
-    limit: int | None = None  # keep the first N emoji only (tests, micro demo)
+    font: str = Field(
+        "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
+        description="the Noto Color Emoji font file the glyphs are rendered from")
+    resolution: int = Field(64, gt=0, description="rendered image size in pixels (square)")
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="fraction of glyphs put in the validation split (by key hash)")
+    shard_size: int = Field(1000, gt=0, description="samples per output shard")
+    limit: int | None = Field(None, description="keep the first N emoji only (tests, micro demo); null = all")
 
 
 class ConvertDataConfig(Section):
     """``ldm-train data folder|hf``: the shards they write (train/ and val/, split by key hash)."""
 
-    shard_size: int = Field(1000, gt=0)
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    allow_empty_captions: bool = False  # folder: an image without NAME.txt gets "" instead of a skip
+    shard_size: int = Field(1000, gt=0, description="samples per output shard")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="fraction of samples put in val/ (by key hash)")
+    allow_empty_captions: bool = Field(
+        False, description="folder: an image without NAME.txt gets \"\" instead of a skip")
 
 
 class DataConfig(Section):
@@ -56,13 +60,17 @@ class DataConfig(Section):
     is below ``min_size`` are skipped as ``too_small``. A shard that cannot be read is named and
     the rest is read; the command then fails unless ``tolerate_failed_shards``."""
 
-    train_shards: str = "{run}/data/train"
-    val_shards: str = "{run}/data/val"
-    resolution: int = Field(64, gt=0)
-    crop: Literal["center", "random"] = "center"
-    crop_seed: int = 0
-    min_size: int = Field(0, ge=0)
-    tolerate_failed_shards: bool = False
+    train_shards: str = Field(
+        "{run}/data/train", description="training image shards: a folder, a brace pattern or a pipe: URL")
+    val_shards: str = Field(
+        "{run}/data/val", description="validation image shards: a folder, a brace pattern or a pipe: URL")
+    resolution: int = Field(64, gt=0, description="the shorter side is resized to this, then a square is cropped")
+    crop: Literal["center", "random"] = Field(
+        "center", description="which square is cropped: the centre, or a random one seeded by crop_seed and the key")
+    crop_seed: int = Field(0, description="seed of random crops")
+    min_size: int = Field(0, ge=0, description="images whose shorter side is below this are skipped as too_small")
+    tolerate_failed_shards: bool = Field(
+        False, description="exit 0 although some shards could not be read (they are named)")
     emoji: EmojiDataConfig = EmojiDataConfig()
     convert: ConvertDataConfig = ConvertDataConfig()
 
@@ -72,23 +80,24 @@ class DataConfig(Section):
 
 
 class VAETrainConfig(Section):
-    steps: int = Field(1000, ge=0)
-    batch_size: int = Field(32, gt=0)
-    crop: int | None = 32  # train on random crops (fully convolutional); null = whole images
-    lr: float = Field(1e-3, gt=0)
-    kl_weight: float = Field(1e-6, ge=0)
-    log_every: int = Field(50, gt=0)
+    steps: int = Field(1000, ge=0, description="optimizer steps of train-vae")
+    batch_size: int = Field(32, gt=0, description="images per step")
+    crop: int | None = Field(
+        32, description="train on random crops of this size (fully convolutional); null = whole images")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term against the reconstruction loss")
+    log_every: int = Field(50, gt=0, description="log the losses every N steps")
 
 
 class AutoencoderConfig(Section):
     """Stage 1. ``path`` is a diffusers ``AutoencoderKL`` folder: pretrained, or written by train-vae."""
 
-    path: str = "{run}/vae"
-    block_out_channels: list[int] = [16, 32, 64]
-    layers_per_block: int = Field(1, gt=0)
-    latent_channels: int = Field(4, gt=0)
-    norm_num_groups: int = Field(8, gt=0)
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    path: str = Field("{run}/vae", description="diffusers AutoencoderKL folder: pretrained, or written by train-vae")
+    block_out_channels: list[int] = Field([16, 32, 64], description="channels of each encoder/decoder level")
+    layers_per_block: int = Field(1, gt=0, description="resnet blocks per level")
+    latent_channels: int = Field(4, gt=0, description="channels of the latent")
+    norm_num_groups: int = Field(8, gt=0, description="GroupNorm groups")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype the VAE runs in when encoding/decoding")
     train: VAETrainConfig = VAETrainConfig()
 
 
@@ -100,14 +109,15 @@ class TextConfig(Section):
     file) or, when null, random init from ``seed`` (the demo's choice, see README). It is then saved
     to ``dir`` so every later stage reloads exactly the same tower."""
 
-    dir: str = "{run}/text"
-    model_name: str | None = None
-    width: int = Field(128, gt=0)
-    layers: int = Field(2, gt=0)
-    heads: int = Field(4, gt=0)
-    context_length: int = Field(32, gt=0)
-    pretrained: str | None = None
-    seed: int = 1234
+    dir: str = Field("{run}/text", description="folder of the saved text tower (open_clip_config.json + weights)")
+    model_name: str | None = Field(
+        None, description="an open_clip architecture (e.g. ViT-H-14); null = the tiny width/layers/heads tower")
+    width: int = Field(128, gt=0, description="tiny tower: transformer width")
+    layers: int = Field(2, gt=0, description="tiny tower: transformer layers")
+    heads: int = Field(4, gt=0, description="tiny tower: attention heads")
+    context_length: int = Field(32, gt=0, description="tokens per caption (tiny tower)")
+    pretrained: str | None = Field(None, description="a local open_clip checkpoint file; null = random init from seed")
+    seed: int = Field(1234, description="seed of the random init when pretrained is null")
 
 
 class LoaderConfig(Section):
@@ -117,9 +127,9 @@ class LoaderConfig(Section):
     seeded shuffle of consecutive blocks of this size of the rank's stream; shard order is
     permuted every epoch); also the unit of work of one worker."""
 
-    num_workers: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(1024, gt=0)
-    prefetch_factor: int = Field(2, gt=0)
+    num_workers: int = Field(2, ge=0, description="DataLoader workers (the sample order does not depend on it)")
+    shuffle_buffer: int = Field(1024, gt=0, description="samples shuffled together; also one worker's unit of work")
+    prefetch_factor: int = Field(2, gt=0, description="batches each worker loads ahead")
 
 
 class LatentsConfig(Section):
@@ -131,12 +141,14 @@ class LatentsConfig(Section):
     key). ``text``: store the text tower's ``embedding`` or only the ``tokens``. Input shards that
     fail are retried by the next run; ``data.tolerate_failed_shards`` accepts them instead."""
 
-    dir: str = "{run}/latents"
-    shard_size: int = Field(1000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    dtype: Literal["fp16", "bf16"] = "fp16"
-    store: Literal["posterior", "sample"] = "posterior"
-    text: Literal["embedding", "tokens"] = "embedding"
+    dir: str = Field("{run}/latents", description="folder of the latent shards written by encode")
+    shard_size: int = Field(1000, gt=0, description="samples per output part")
+    batch_size: int = Field(64, gt=0, description="images encoded together")
+    dtype: Literal["fp16", "bf16"] = Field("fp16", description="dtype of the stored posterior and text embedding")
+    store: Literal["posterior", "sample"] = Field(
+        "posterior", description="posterior (mean and std: a fresh latent each epoch) or sample (one fixed draw)")
+    text: Literal["embedding", "tokens"] = Field(
+        "embedding", description="store the text tower's embedding, or only the tokens")
     loader: LoaderConfig = LoaderConfig()
 
 
@@ -151,25 +163,31 @@ class ModelConfig(Section):
     whose weights the training loop loads (``load_unet_weights``) before the first step.
     """
 
-    in_channels: int = Field(4, gt=0)
-    out_channels: int = Field(4, gt=0)  # 2 * in_channels when a learned variance is predicted
-    block_out_channels: list[int] = [32, 64, 128]
-    attention_levels: list[bool] = [False, True, True]
-    layers_per_block: int = Field(1, gt=0)
-    attention_head_dim: int = Field(32, gt=0)
-    cross_attention_dim: int = Field(128, gt=0)
-    norm_num_groups: int = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_attention_heads: list[int] | None = None
-    transformer_layers_per_block: int | list[int] = 1
-    use_linear_projection: bool = False  # SD 2.x: nn.Linear proj_in/out; SD 1.x: 1x1 conv
-    flip_sin_to_cos: bool = True
-    freq_shift: int = Field(0, ge=0)
-    norm_eps: float = Field(1e-5, gt=0)
-    num_class_embeds: int | None = Field(None, gt=0)
-    upcast_attention: bool = False  # attention in fp32 under fp16/bf16 autocast (SD 2.1-v)
-    gradient_checkpointing: bool = False
-    init_from: str | None = None
+    in_channels: int = Field(4, gt=0, description="latent channels in (autoencoder.latent_channels)")
+    out_channels: int = Field(4, gt=0, description="channels out; 2 * in_channels when a learned variance is predicted")
+    block_out_channels: list[int] = Field([32, 64, 128], description="channels of each U-Net level")
+    attention_levels: list[bool] = Field(
+        [False, True, True], description="per level: whether it has transformer (self + cross-attention) blocks")
+    layers_per_block: int = Field(1, gt=0, description="resnet blocks per level")
+    attention_head_dim: int = Field(
+        32, gt=0, description="channels per attention head (diffusers' attention_head_dim is the head count)")
+    cross_attention_dim: int = Field(128, gt=0, description="width of the text embedding attended to")
+    norm_num_groups: int = Field(32, gt=0, description="GroupNorm groups")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in resnet blocks")
+    num_attention_heads: list[int] | None = Field(
+        None, description="heads per level; overrides channels_per_head when set")
+    transformer_layers_per_block: int | list[int] = Field(
+        1, description="transformer layers in each attention block (one, or one per level)")
+    use_linear_projection: bool = Field(False, description="SD 2.x: nn.Linear proj_in/out; SD 1.x: 1x1 conv")
+    flip_sin_to_cos: bool = Field(True, description="timestep embedding as cos, sin (SD) rather than sin, cos")
+    freq_shift: int = Field(0, ge=0, description="timestep embedding frequency shift (SD: 0)")
+    norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon")
+    num_class_embeds: int | None = Field(None, gt=0, description="class-conditional: number of classes; null = none")
+    upcast_attention: bool = Field(False, description="attention in fp32 under fp16/bf16 autocast (SD 2.1-v)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, slower)")
+    init_from: str | None = Field(
+        None, description="a diffusers or project U-Net folder whose weights are loaded before the first step")
 
 
 class LossConfig(Section):
@@ -179,13 +197,15 @@ class LossConfig(Section):
     (Karras et al. 2022, ``sigma_data``). ``offset_noise``: Guttenberg 2023. ``timestep_sampling``:
     ``uniform`` or ``logit_normal`` (SD3, ``logit_mean``/``logit_std``)."""
 
-    weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
-    min_snr_gamma: float = Field(5.0, gt=0)
-    sigma_data: float = Field(0.5, gt=0)
-    offset_noise: float = Field(0.0, ge=0)
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
+    weighting: Literal["uniform", "min_snr", "edm"] = Field(
+        "uniform", description="uniform (DDPM), min_snr (Hang et al. 2023) or edm (Karras et al. 2022)")
+    min_snr_gamma: float = Field(5.0, gt=0, description="weighting min_snr: the SNR clamp gamma")
+    sigma_data: float = Field(0.5, gt=0, description="weighting edm: the data standard deviation")
+    offset_noise: float = Field(0.0, ge=0, description="offset noise strength (Guttenberg 2023); 0 = off")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="uniform, or logit_normal (SD3)")
+    logit_mean: float = Field(0.0, description="logit_normal timestep sampling: mean")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal timestep sampling: standard deviation")
 
 
 class IDDPMConfig(Section):
@@ -193,8 +213,9 @@ class IDDPMConfig(Section):
     of its reverse variance (so ``model.out_channels = 2 * in_channels``) and trains with
     L_simple + ``vlb_weight`` * L_vlb; the ``ddpm`` sampler then uses that variance."""
 
-    learned_variance: bool = False
-    vlb_weight: float = Field(0.001, ge=0)
+    learned_variance: bool = Field(
+        False, description="the U-Net also outputs its reverse variance (needs out_channels = 2 * in_channels)")
+    vlb_weight: float = Field(0.001, ge=0, description="weight of L_vlb in the hybrid loss")
 
 
 class SDEConfig(Section):
@@ -202,28 +223,29 @@ class SDEConfig(Section):
     ``beta_min`` to ``beta_max``; ``ve_sde`` uses σ(t) from ``sigma_min`` to ``sigma_max``.
     ``t_eps``: the smallest time trained on and integrated to."""
 
-    beta_min: float = Field(0.1, gt=0)
-    beta_max: float = Field(20.0, gt=0)
-    sigma_min: float = Field(0.01, gt=0)
-    sigma_max: float = Field(50.0, gt=0)
-    t_eps: float = Field(1e-5, gt=0, lt=1)
+    beta_min: float = Field(0.1, gt=0, description="vp_sde/subvp_sde: beta(0)")
+    beta_max: float = Field(20.0, gt=0, description="vp_sde/subvp_sde: beta(1)")
+    sigma_min: float = Field(0.01, gt=0, description="ve_sde: sigma(0)")
+    sigma_max: float = Field(50.0, gt=0, description="ve_sde: sigma(1)")
+    t_eps: float = Field(1e-5, gt=0, lt=1, description="the smallest time trained on and integrated to")
 
 
 class NCSNConfig(Section):
     """NCSN (Song & Ermon 2019/2020): ``num_scales`` geometric noise levels from ``sigma_max`` down
     to ``sigma_min``."""
 
-    sigma_min: float = Field(0.01, gt=0)
-    sigma_max: float = Field(50.0, gt=0)
-    num_scales: int = Field(232, gt=1)
+    sigma_min: float = Field(0.01, gt=0, description="the smallest noise level")
+    sigma_max: float = Field(50.0, gt=0, description="the largest noise level")
+    num_scales: int = Field(232, gt=1, description="number of geometric noise levels")
 
 
 class ScoreMatchingConfig(Section):
     """The objective of the score-based formulations: denoising (``dsm``) or sliced score matching
     (``ssm``, variance-reduced ``ssm_vr``; Song et al. 2019) with ``n_projections`` directions."""
 
-    objective: Literal["dsm", "ssm", "ssm_vr"] = "dsm"
-    n_projections: int = Field(1, gt=0)
+    objective: Literal["dsm", "ssm", "ssm_vr"] = Field(
+        "dsm", description="dsm (denoising), ssm or ssm_vr (sliced, Song et al. 2019)")
+    n_projections: int = Field(1, gt=0, description="ssm/ssm_vr: random projection directions")
 
 
 class DiffusionConfig(Section):
@@ -237,16 +259,21 @@ class DiffusionConfig(Section):
     ``rescale_betas_zero_snr``: Lin et al. 2024 (needs v or x0 prediction).
     """
 
-    formulation: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn"] = "ddpm"
+    formulation: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn"] = Field(
+        "ddpm", description="ddpm, an SDE (vp_sde, subvp_sde, ve_sde) or ncsn")
     # v (Salimans & Ho 2022) rather than eps: with eps, x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
     # amplifies eps errors ~15x at the noisiest steps, which a small, briefly trained model shows.
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
-    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
-    num_train_timesteps: int = Field(1000, gt=0)
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
-    beta_start: float = Field(0.00085, gt=0)
-    beta_end: float = Field(0.012, gt=0)
-    rescale_betas_zero_snr: bool = False
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "v_prediction", description="what the U-Net predicts: epsilon, v_prediction or sample (x0)")
+    cond_drop_prob: float = Field(
+        0.1, ge=0.0, le=1.0, description="probability a caption is dropped in training (for classifier-free guidance)")
+    num_train_timesteps: int = Field(1000, gt=0, description="ddpm: steps of the discrete schedule")
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+        "scaled_linear", description="ddpm: linear, scaled_linear (SD) or cosine (Nichol & Dhariwal)")
+    beta_start: float = Field(0.00085, gt=0, description="ddpm: the first beta (linear/scaled_linear)")
+    beta_end: float = Field(0.012, gt=0, description="ddpm: the last beta (linear/scaled_linear)")
+    rescale_betas_zero_snr: bool = Field(
+        False, description="zero terminal SNR (Lin et al. 2024; needs v or x0 prediction)")
     loss: LossConfig = LossConfig()
     iddpm: IDDPMConfig = IDDPMConfig()
     sde: SDEConfig = SDEConfig()
@@ -257,36 +284,40 @@ class DiffusionConfig(Section):
 class TrainConfig(Section):
     """Optimisation of the denoiser."""
 
-    steps: int = Field(2000, ge=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: list[float] = [0.9, 0.999]
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
+    steps: int = Field(2000, ge=0, description="optimizer steps")
+    batch_size: int = Field(
+        32, gt=0, description="samples per optimizer step on each rank (before gradient accumulation)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after the warm-up; then train.lr_schedule)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: list[float] = Field([0.9, 0.999], description="AdamW betas")
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
     # One EMA per decay (the first is the one sampling and export use; the others are kept in
     # checkpoints as ``ema@DECAY``). Updated every ``ema_every`` optimizer steps; the decay applies
     # per update. Warm-up: decay_t = min(decay, (1 + t) / (10 + t)) for update t.
-    ema_decays: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.999], min_length=1)
-    ema_every: int = Field(1, gt=0)
-    ema_warmup: bool = True
-    log_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(1000, gt=0)
+    ema_decays: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        [0.999], min_length=1, description="one EMA per decay; the first is the one sampling and export use")
+    ema_every: int = Field(1, gt=0, description="update the EMAs every N optimizer steps")
+    ema_warmup: bool = Field(True, description="decay_t = min(decay, (1 + t) / (10 + t)) for update t")
+    log_every: int = Field(50, gt=0, description="log the loss every N steps")
+    checkpoint_every: int = Field(1000, gt=0, description="save a checkpoint every N steps")
     # memory: random batches from the split held in memory (small sets). stream: the latent
     # shards streamed by latents.loader, each rank its share, resumable exactly (any size).
-    data_source: Literal["memory", "stream"] = "memory"
-    keep_checkpoints: int = Field(3, gt=0)  # the last K; milestones are kept on top
-    milestones: list[int] = []  # steps whose checkpoints are never deleted
-    max_nonfinite_steps: int = Field(5, gt=0)  # K non-finite losses/gradients in a row stop the run
-    watchdog_seconds: float = Field(600.0, ge=0)  # report a rank whose step takes longer; 0 = off
-    tensorboard: bool = True  # scalars to {run}/tensorboard (rank 0)
-    wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
-    peak_tflops: float | None = Field(None, gt=0)  # per device, for MFU; null = known GPUs only
-    eval_every: int = Field(0, ge=0)  # sample grids on the EMA weights every N steps and at the end; 0 = off
+    data_source: Literal["memory", "stream"] = Field(
+        "memory", description="memory (random batches of the split held in memory) or stream (the latent shards)")
+    keep_checkpoints: int = Field(3, gt=0, description="keep the last K checkpoints; milestones are kept on top")
+    milestones: list[int] = Field([], description="steps whose checkpoints are never deleted")
+    max_nonfinite_steps: int = Field(5, gt=0, description="K non-finite losses/gradients in a row stop the run")
+    watchdog_seconds: float = Field(600.0, ge=0, description="report a rank whose step takes longer; 0 = off")
+    tensorboard: bool = Field(True, description="scalars to {run}/tensorboard (rank 0)")
+    wandb_project: str | None = Field(None, description="also log to Weights & Biases (needs `pip install wandb`)")
+    peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU; null = known GPUs only")
+    eval_every: int = Field(
+        0, ge=0, description="sample grids on the EMA weights every N steps and at the end; 0 = off")
     # Speed: torch.compile of the model, channels_last memory format, fused AdamW kernel.
-    compile: bool = False
-    channels_last: bool = False
-    fused_optimizer: bool = True
+    compile: bool = Field(False, description="torch.compile the model")
+    channels_last: bool = Field(False, description="channels_last memory format")
+    fused_optimizer: bool = Field(True, description="fused AdamW kernel (where available)")
 
 
 class DistributedConfig(Section):
@@ -295,30 +326,35 @@ class DistributedConfig(Section):
 
     # ddp: every rank holds everything (also a single process). zero1/zero2/zero3: DeepSpeed ZeRO
     # partitions optimizer states / + gradients / + parameters across ranks, through Accelerate.
-    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    offload_optimizer: bool = False  # ZeRO: optimizer states in CPU memory (DeepSpeedCPUAdam)
-    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = Field(
+        "ddp", description="ddp (every rank holds everything) or DeepSpeed ZeRO stage 1/2/3")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="no, bf16 or fp16 autocast")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in CPU memory (DeepSpeedCPUAdam)")
+    offload_params: bool = Field(False, description="ZeRO-3: parameters in CPU memory")
     # Each rank keeps the EMA of 1/world of the weights. Always so under zero3 (a rank only holds
     # its partition); optional for ddp/zero1/zero2, where it saves memory at no extra traffic.
-    ema_sharded: bool = False
-    deepspeed_config: str | None = None  # a DeepSpeed JSON to start from (launch/deepspeed/*.json)
-    cpu: bool = False  # force CPU even where a GPU is present
+    ema_sharded: bool = Field(
+        False, description="each rank keeps the EMA of 1/world of the weights (always so under zero3)")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON to start from (launch/deepspeed/*.json)")
+    cpu: bool = Field(False, description="force CPU even where a GPU is present")
 
 
 class MetricsConfig(Section):
     """FID/KID/CLIP score (``ldm_train.eval.metrics``; the pinned FID protocol is in its docstring).
     Weights are local files only: without them the metric is reported as unavailable, naming the key."""
 
-    inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05-6726825d.pth
-    fid_feature: Literal[64, 192, 768, 2048] = 2048
-    fid_resize: Literal["tf1_bilinear", "bilinear_antialias"] = "tf1_bilinear"
-    fid_reference_dir: str = "{run}/eval/fid_reference"
-    kid_subset_size: int = Field(1000, gt=0)
-    kid_subsets: int = Field(100, gt=0)
-    clip_model: str | None = "ViT-B-32"
-    clip_weights: str | None = None  # a local open_clip checkpoint of clip_model
+    inception_weights: str | None = Field(
+        None, description="torch-fidelity's pt_inception-2015-12-05-6726825d.pth; null = FID/KID unavailable")
+    fid_feature: Literal[64, 192, 768, 2048] = Field(2048, description="Inception feature layer of FID/KID")
+    fid_resize: Literal["tf1_bilinear", "bilinear_antialias"] = Field(
+        "tf1_bilinear", description="how images are resized to 299: TF1 bilinear (the reference) or antialiased")
+    fid_reference_dir: str = Field("{run}/eval/fid_reference", description="cache of the reference images' statistics")
+    kid_subset_size: int = Field(1000, gt=0, description="samples per KID subset")
+    kid_subsets: int = Field(100, gt=0, description="KID subsets averaged")
+    clip_model: str | None = Field("ViT-B-32", description="open_clip architecture of the CLIP score; null = off")
+    clip_weights: str | None = Field(
+        None, description="a local open_clip checkpoint of clip_model; null = CLIP score unavailable")
 
 
 class EvalConfig(Section):
@@ -330,19 +366,21 @@ class EvalConfig(Section):
     ``samplers.ddim.eta``); the ones not given keep the sampler's defaults. Checked against the
     registry when the config is validated."""
 
-    sampler: str = "ddim"
-    steps: int = Field(50, gt=0)
-    samplers: dict[str, dict[str, Any]] = {}
-    guidance_scale: float = Field(3.0, ge=0.0)
-    guidance_sweep: list[float] = []  # evaluation during training: one grid + metrics per scale
-    seed: int = 0
-    samples_per_prompt: int = Field(4, gt=0)
+    sampler: str = Field("ddim", description="a sampler of ldm_train.diffusion.samplers.SAMPLERS")
+    steps: int = Field(50, gt=0, description="sampling steps")
+    samplers: dict[str, dict[str, Any]] = Field(
+        {}, description="samplers.NAME: that sampler's own settings (the ones not given keep its defaults)")
+    guidance_scale: float = Field(3.0, ge=0.0, description="classifier-free guidance scale; 1 = none")
+    guidance_sweep: list[float] = Field([], description="evaluation during training: one grid + metrics per scale")
+    seed: int = Field(0, description="seed of the start noise")
+    samples_per_prompt: int = Field(4, gt=0, description="images per prompt in grids")
     # Images sampled together; halved and retried when the GPU runs out of memory (so the
     # batch ends up sized to memory), which changes images only for the stochastic samplers.
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(
+        64, gt=0, description="images sampled together; halved and retried when the GPU runs out of memory")
     # Held-out captions of the emoji set's validation split (checked by the demo); empty = the
     # first validation captions.
-    prompts: list[str] = [
+    prompts: list[str] = Field([
         "slightly smiling face",
         "pensive face",
         "brown heart",
@@ -351,7 +389,7 @@ class EvalConfig(Section):
         "cactus",
         "finland",
         "santa claus medium skin tone",
-    ]
+    ], description="captions of the grids; empty = the first validation captions")
     metrics: MetricsConfig = MetricsConfig()
 
     def sampler_settings(self) -> dict[str, Any]:
@@ -360,8 +398,8 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    dir: str = "{run}/export"
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dir: str = Field("{run}/export", description="the inference folder export writes")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights")
 
 
 class SlurmConfig(Section):
@@ -369,28 +407,29 @@ class SlurmConfig(Section):
     Slurm for and runs on each node. The flags of ``submit`` (--partition, --time, ...) override
     the keys of the same name. See README "Slurm"."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    time: str | None = None  # e.g. "24:00:00"; null = the partition's default limit
-    exclusive: bool = False
-    cpus_per_task: int | None = Field(None, gt=0)  # CPUs for each node's launcher (all its ranks)
-    sbatch_args: list[str] = []  # further #SBATCH options, e.g. ["--mem=0", "--mail-type=FAIL"]
+    partition: str | None = Field(None, description="#SBATCH --partition; null = the cluster default")
+    account: str | None = Field(None, description="#SBATCH --account")
+    qos: str | None = Field(None, description="#SBATCH --qos")
+    constraint: str | None = Field(None, description="#SBATCH --constraint (node features)")
+    time: str | None = Field(None, description="time limit, e.g. \"24:00:00\"; null = the partition's default limit")
+    exclusive: bool = Field(False, description="#SBATCH --exclusive")
+    cpus_per_task: int | None = Field(None, gt=0, description="CPUs for each node's launcher (all its ranks)")
+    sbatch_args: list[str] = Field([], description="further #SBATCH options, e.g. [\"--mem=0\", \"--mail-type=FAIL\"]")
     # USR1 this long before the time limit: the ranks save, the job requeues itself. Also how long
     # torchrun lets the ranks save before it kills them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
-    signal_seconds: int = Field(300, gt=0)
-    max_requeues: int = Field(10, ge=0)  # a preempted job comes back at most this many times
-    port: int = Field(29500, gt=1023, lt=64536)  # rendezvous port = port + job id % 1000
-    launcher: Literal["torchrun", "accelerate"] = "torchrun"
-    accelerate_config: str | None = None  # accelerate launcher: its --config_file
-    cpu_processes_per_node: int = Field(1, gt=0)  # processes per node when --gpus-per-node is 0
-    python: str | None = None  # the interpreter on the nodes; null = the one running submit
-    modules: list[str] = []  # `module load` each first, e.g. ["cuda/12.4", "nccl/2.21"]
-    setup: list[str] = []  # shell lines run before the launch, e.g. ["source ~/venv/bin/activate"]
-    env: dict[str, str] = {}  # exported in the job, e.g. {"NCCL_SOCKET_IFNAME": "ib0"}
-    entry_module: str = "ldm_train.cli"  # what each rank runs (python -m); change only to wrap it
-    template: str | None = None  # a job template of your own; null = slurm/job.sbatch
+    signal_seconds: int = Field(
+        300, gt=0, description="USR1 this long before the time limit: the ranks save, the job requeues itself")
+    max_requeues: int = Field(10, ge=0, description="a preempted job comes back at most this many times")
+    port: int = Field(29500, gt=1023, lt=64536, description="rendezvous port = port + job id % 1000")
+    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="what starts the ranks on each node")
+    accelerate_config: str | None = Field(None, description="accelerate launcher: its --config_file")
+    cpu_processes_per_node: int = Field(1, gt=0, description="processes per node when --gpus-per-node is 0")
+    python: str | None = Field(None, description="the interpreter on the nodes; null = the one running submit")
+    modules: list[str] = Field([], description="`module load` each first, e.g. [\"cuda/12.4\", \"nccl/2.21\"]")
+    setup: list[str] = Field([], description="shell lines run before the launch, e.g. [\"source ~/venv/bin/activate\"]")
+    env: dict[str, str] = Field({}, description="exported in the job, e.g. {\"NCCL_SOCKET_IFNAME\": \"ib0\"}")
+    entry_module: str = Field("ldm_train.cli", description="what each rank runs (python -m); change only to wrap it")
+    template: str | None = Field(None, description="a job template of your own; null = slurm/job.sbatch")
 
 
 class Config(Section):
