@@ -5,8 +5,10 @@ Builders take their own section only (``build_unet(cfg.model)``), never the whol
 """
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -493,6 +495,81 @@ _OLD_SAMPLER_DEFAULTS = {"eval.eta": 0.0, "eval.spacing": "leading", "eval.s_chu
                          "eval.langevin_step_lr": 2e-5}
 RENAMED_SAMPLERS = {"iddpm": "ddpm"}  # iddpm was an exact alias of ddpm
 
+# What users of diffusers' train_text_to_image.py / kohya sd-scripts / SimpleTuner type, -> our key.
+# An unknown key of one of these names is answered with ours (a key in MOVED: its new place).
+ALIASES: dict[str, str] = {
+    "learning_rate": "train.lr", "max_train_steps": "train.steps", "train_batch_size": "train.batch_size",
+    "lr_warmup_steps": "train.warmup_steps", "max_grad_norm": "train.grad_clip", "use_ema": "train.ema_decays",
+    "ema_decay": "train.ema_decays", "checkpointing_steps": "train.checkpoint_every",
+    "save_every_n_steps": "train.checkpoint_every", "checkpoints_total_limit": "train.keep_checkpoints",
+    "validation_steps": "train.eval_every", "sample_every_n_steps": "train.eval_every",
+    "tracker_project_name": "train.wandb_project", "adam_beta1": "train.betas", "adam_beta2": "train.betas",
+    "adam_weight_decay": "train.weight_decay", "adam_epsilon": "train.optimizer.eps",
+    "optimizer_type": "train.optimizer.name", "use_8bit_adam": "train.optimizer.name",
+    "lr_scheduler": "train.lr_schedule.name", "lr_num_cycles": "train.lr_schedule.num_cycles",
+    "gradient_accumulation_steps": "distributed.gradient_accumulation_steps",
+    "mixed_precision": "distributed.mixed_precision", "output_dir": "run.dir", "seed": "run.seed",
+    "resolution": "data.resolution", "center_crop": "data.crop", "train_data_dir": "data.train_shards",
+    "dataloader_num_workers": "latents.loader.num_workers", "max_data_loader_n_workers": "latents.loader.num_workers",
+    "noise_offset": "diffusion.loss.offset_noise", "snr_gamma": "diffusion.loss.min_snr_gamma",
+    "prediction_type": "diffusion.prediction_type", "v_parameterization": "diffusion.prediction_type",
+    "zero_terminal_snr": "diffusion.rescale_betas_zero_snr", "pretrained_model_name_or_path": "model.init_from",
+    "validation_prompts": "eval.prompts", "validation_prompt": "eval.prompts", "sample_sampler": "eval.sampler",
+    "validation_guidance": "eval.guidance_scale", "validation_num_inference_steps": "eval.steps",
+    "num_inference_steps": "eval.steps",
+}
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def dotted_fields(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, pydantic field) of every leaf key of ``model`` (default :class:`Config`), nested
+    sections included, in schema order."""
+    for name, field in (Config if model is None else model).model_fields.items():
+        if _is_section(field.annotation):
+            yield from dotted_fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
+
+
+def _section_model(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None or not _is_section(field.annotation):
+            return None
+        model = field.annotation
+    return model
+
+
+def _live(key: str) -> str | None:
+    """``key`` where it is now (following MOVED), or None when the schema has no such key."""
+    key = MOVED.get(key, (key,))[0]
+    *parents, name = key.split(".")
+    section = _section_model(parents)
+    return key if section is not None and name in section.model_fields else None
+
+
+def suggest(dotted: str) -> str:
+    """``; did you mean ...?`` for an unknown key (empty when nothing is close): an alias of the
+    diffusers/kohya name, the closest names of its section, or the key's name in another section."""
+    *parents, name = dotted.split(".")
+    if name in ALIASES and (target := _live(ALIASES[name])) and target != dotted:
+        return f"; did you mean {target}? (diffusers/kohya: {name})"
+    section = _section_model(parents)
+    if section is not None:
+        close = difflib.get_close_matches(name, list(section.model_fields), n=3, cutoff=0.6)
+        if close:
+            return "; did you mean " + " or ".join(".".join([*parents, c]) for c in close) + "?"
+    everywhere = [key for key, _ in dotted_fields()]
+    misplaced = [key for key in everywhere if key.rsplit(".", 1)[-1] == name]
+    leaves = {key.rsplit(".", 1)[-1]: key for key in reversed(everywhere)}
+    close = misplaced or [leaves[n] for n in difflib.get_close_matches(name, list(leaves), n=3, cutoff=0.75)]
+    close = close or difflib.get_close_matches(dotted, everywhere, n=3, cutoff=0.6)
+    return ("; did you mean " + " or ".join(close[:3]) + "?") if close else ""
+
 
 def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
     *parents, last = dotted.split(".")
@@ -569,6 +646,72 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def bool_words(text: str) -> dict[tuple, str]:
+    """{path: word} of each YAML 1.1 boolean written as a word (``no``, ``Off``, ``yes``, ``on``,
+    ``true``, ``false``) in a YAML document; paths are tuples of mapping keys and list indices."""
+    words: dict[tuple, str] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+        elif isinstance(node, yaml.ScalarNode) and node.tag == BOOL_TAG:
+            words[path] = node.value
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    except yaml.YAMLError:
+        pass  # the caller's safe_load reports it
+    return words
+
+
+def _meant(word: str, value: bool, ann: Any) -> str | bool:
+    """The string a YAML boolean ``word`` stood for where ``ann`` expects a string (any, or one of
+    a Literal's), else ``value`` (also where ``ann`` accepts a bool)."""
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, type(int | str)) else (ann,)
+    if bool in args:
+        return value
+    if str in args:
+        return word
+    allowed = {v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)}
+    return next((w for w in (word, word.lower()) if w in allowed), value)
+
+
+def _unbool(tree: dict, model: type[BaseModel], words: dict[tuple, str], path: tuple = ()) -> dict:
+    """YAML 1.1 reads ``mixed_precision: no`` as false: where a field (or a list item or mapping
+    value of one) expects a string and got a boolean written as a word, the word is what was meant
+    when the field allows it. Other booleans stay, and the error message says how YAML read them."""
+    out = dict(tree)
+    for name, field in model.model_fields.items():
+        here, ann, value = path + (name,), field.annotation, out.get(name)
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
+        if _is_section(ann) and isinstance(value, dict):
+            out[name] = _unbool(value, ann, words, here)
+        elif isinstance(value, bool) and here in words:
+            out[name] = _meant(words[here], value, ann)
+        elif origin is list and isinstance(value, list):
+            out[name] = [_meant(words[here + (i,)], v, args[0]) if isinstance(v, bool) and here + (i,) in words
+                         else v for i, v in enumerate(value)]
+        elif origin is dict and isinstance(value, dict):
+            out[name] = {k: _meant(words[here + (k,)], v, args[1]) if isinstance(v, bool) and here + (k,) in words
+                         else v for k, v in value.items()}
+    return out
+
+
+def _yaml_read(loc: tuple, value: Any, words: dict[tuple, str]) -> str:
+    """``; YAML reads `no` as false; quote it`` where the bad value was a YAML boolean word."""
+    word = next((words[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in words), None)
+    if word is None or not isinstance(value, bool):
+        return ""
+    return f"; YAML reads `{word}` as {str(value).lower()}; quote it ('{word}') if you meant the string"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=1e-4`` -> ("train.lr", 1e-4). Values are parsed as YAML scalars/lists."""
     if "=" not in text:
@@ -633,17 +776,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
+    words: dict[tuple, str] = {}  # where a YAML boolean was written as a word (no, off, yes, on)
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
+        words = bool_words(text)
         if migrate_old or is_resolved(tree):
             tree = migrate(tree)
     from_override: set[str] = set()
@@ -651,20 +797,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
         from_override.add(key)
+        at = tuple(key.split("."))
+        words = {w: v for w, v in words.items() if w[:len(at)] != at}
+        words.update({at + w: v for w, v in bool_words(item.split("=", 1)[1]).items()})
     if moved := moved_keys(tree):
         lines = [f"  {key}: {where}  [in {_origin(key, from_override, source)}]" for key, where in moved.items()]
         raise ConfigError("invalid configuration (keys that have moved):\n" + "\n".join(lines))
     try:
-        return Config.model_validate(_coerce_floats(tree, Config))
+        return Config.model_validate(_coerce_floats(_unbool(tree, Config, words), Config))
     except ValidationError as e:
         lines = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"])
             origin = _origin(key, from_override, source)
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                msg = "unknown key" + suggest(key)
             else:
-                msg = f"{err['msg']} (got {err.get('input')!r})"
+                msg = f"{err['msg']} (got {err.get('input')!r}){_yaml_read(tuple(err['loc']), err.get('input'), words)}"
             lines.append(f"  {key}: {msg}  [in {origin}]")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from .config import Config, ConfigError, config_yaml, load_config
+from .config import Config, ConfigError, _is_section, config_yaml, dotted_fields, load_config
 from .errors import UserError
 
 
@@ -28,10 +28,6 @@ class Key:
     type: str
     default: Any
     doc: str
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def type_name(annotation: Any) -> str:
@@ -62,14 +58,10 @@ def _plain(value: Any) -> Any:
     return value.model_dump() if isinstance(value, BaseModel) else value
 
 
-def iter_keys(model: type[BaseModel] = Config, prefix: str = "", samplers: bool = True) -> Iterator[Key]:
-    """Every leaf key of ``model`` (nested sections included), then, under ``eval.samplers``,
-    each sampler's own settings (when ``samplers``; imports torch)."""
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        if _is_section(field.annotation):
-            yield from iter_keys(field.annotation, dotted + ".", samplers)
-            continue
+def iter_keys(samplers: bool = True) -> Iterator[Key]:
+    """Every leaf key of :class:`Config` (nested sections included); in place of ``eval.samplers``
+    each sampler's own settings, ``eval.samplers.NAME.KEY`` (when ``samplers``; imports torch)."""
+    for dotted, field in dotted_fields():
         if dotted == "eval.samplers" and samplers:
             yield from sampler_keys()
             continue

@@ -326,3 +326,58 @@ def test_a_full_old_default_config_migrates_to_todays_defaults(tmp_path):
     assert load_config(write(tmp_path, yaml.safe_dump(full), "full.yaml")) == Config()
     with pytest.raises(ConfigError, match="diffusion.loss_weighting: moved to diffusion.loss.weighting"):
         load_config(write(tmp_path, yaml.safe_dump({**full, "slurm": None}), "partial.yaml"))
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("train.learning_rate=1e-4", "train.learning_rate: unknown key; did you mean train.lr? (diffusers/kohya: learning_rate)"),
+    ("max_train_steps=10", "did you mean train.steps? (diffusers/kohya: max_train_steps)"),
+    ("diffusion.noise_offset=0.1", "did you mean diffusion.loss.offset_noise?"),
+    ("distributed.output_dir=x", "did you mean run.dir?"),
+    ("train.stepz=5", "train.stepz: unknown key; did you mean train.steps?"),
+    ("train.mixed_precision=bf16", "did you mean distributed.mixed_precision?"),  # in another section
+    ("eval.clip_modle=x", "did you mean eval.metrics.clip_model?"),  # misspelt and misplaced
+    ("trainn.lr=1", "trainn: unknown key; did you mean train?"),
+])
+def test_unknown_key_says_what_was_meant(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert hint in str(info.value)
+
+
+def test_unknown_key_in_file_says_what_was_meant(tmp_path):
+    path = write(tmp_path, "eval:\n  guidance: 3\n")
+    with pytest.raises(ConfigError, match=r"eval.guidance: unknown key; did you mean eval.guidance_sweep or eval.guidance_scale\?  \[in "):
+        load_config(path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.zzzzqqq=1"])
+    assert "unknown key  [in command-line override]" in str(info.value)  # nothing close: no guess
+
+
+def test_every_alias_names_a_key():
+    from ldm_train.config import ALIASES, MOVED, dotted_fields
+
+    keys = {key for key, _ in dotted_fields()}
+    assert {old: MOVED.get(new, (new,))[0] for old, new in ALIASES.items()
+            if MOVED.get(new, (new,))[0] not in keys} == {}
+
+
+def test_yaml_boolean_words_mean_the_string_where_a_string_is_expected(tmp_path):
+    path = write(tmp_path, "distributed:\n  mixed_precision: no\nslurm:\n  partition: on\n  modules: [no]\n"
+                           "  env: {A: yes}\ntrain:\n  tensorboard: no\n")
+    cfg = load_config(path)
+    assert cfg.distributed.mixed_precision == "no"
+    assert cfg.slurm.partition == "on" and cfg.slurm.modules == ["no"] and cfg.slurm.env == {"A": "yes"}
+    assert cfg.train.tensorboard is False  # a bool field keeps YAML's bool
+    assert load_config(None, ["distributed.mixed_precision=No"]).distributed.mixed_precision == "no"
+    assert load_config(path, ["train.tensorboard=on"]).train.tensorboard is True
+
+
+def test_yaml_boolean_word_refused_with_the_reason_where_the_string_is_not_allowed(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "data:\n  crop: off\n"))
+    assert "data.crop: Input should be 'center' or 'random' (got False); YAML reads `off` as false; quote it" in str(info.value)
+    with pytest.raises(ConfigError, match=r"mixed_precision: .*YAML reads `off` as false; quote it.*command-line override"):
+        load_config(None, ["distributed.mixed_precision=off"])
+    with pytest.raises(ConfigError) as info:  # a real false (not a word) gets no YAML note
+        load_config(None, ["data.crop=0"])
+    assert "YAML reads" not in str(info.value)
