@@ -10,18 +10,25 @@ from pathlib import Path
 from .config import Config, load_config
 from .errors import Preempted, UserError
 
+# ``--sampler`` choices: the registry's names (ldm_train.diffusion.samplers.SAMPLERS, a test checks they
+# agree), spelled out here because importing the registry imports torch and --help must stay fast
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "pf_ode", "pc", "annealed_langevin")
+
 EXAMPLES = """examples:
   ldm-train demo                                  # every stage on the emoji set (~15 min on 2 CPU cores)
   ldm-train data emoji --out runs/demo/data
-  ldm-train train-vae --config configs/demo.yaml autoencoder.train.steps=500
-  ldm-train train --config configs/demo.yaml train.lr=1e-4 run.dir=runs/exp1
-  ldm-train sample --checkpoint runs/demo/export --prompt "red heart" --out heart.png
+  ldm-train train-vae autoencoder.train.steps=500
+  ldm-train train --config micro train.lr=1e-4 run.dir=runs/exp1   # a preset name, or a YAML file
+  ldm-train sample --checkpoint runs/demo/export --prompt "red heart" --steps 25 --seed 1 --out heart.png
+  ldm-train config keys eval                      # every key, its type, default and doc
   ldm-train convert sd15/unet runs/sd15-unet --to project   # then model.init_from=runs/sd15-unet
 """
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults = configs/demo.yaml)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE_OR_PRESET",
+                   help="YAML config file, or a packaged preset name: demo, micro, sd15, improved_ddpm "
+                        "(default: the built-in defaults, preset demo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of refusing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-4")
 
@@ -36,12 +43,39 @@ def _converter_args(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ldm_train")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        from . import __version__
+
+        return __version__
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _sampling_args(p: argparse.ArgumentParser, steps_etc: bool = True) -> None:
+    """``sample`` and ``eval``: shorthands for ``eval.*`` keys (see :func:`eval_overrides`)."""
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="override eval.sampler")
+    p.add_argument("--steps", type=int, default=None, help="override eval.steps")
+    p.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
+    if steps_etc:
+        p.add_argument("--seed", type=int, default=None, help="override eval.seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .diffusion.samplers import SAMPLERS  # the registry is the list of choices
     parser = argparse.ArgumentParser(
         prog="ldm-train", description="Latent diffusion training pipeline.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="build image-caption WebDataset shards")
@@ -63,19 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("encode", help="image shards -> latent shards in latents.dir (VAE + text tower)"))
     _common(sub.add_parser("train", help="train the U-Net denoiser on the latent cache -> {run}/checkpoints"))
 
-    sample = sub.add_parser("sample", help="DDIM samples for prompts from a run or export -> PNG grid")
+    sample = sub.add_parser("sample", help="samples for prompts from a run or export (eval.sampler, default DDIM) -> PNG grid")
     sample.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     sample.add_argument("--out", type=Path, required=True, help="PNG grid to write")
+    _sampling_args(sample)
+    sample.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="what to steer away from: replaces the empty caption as guidance's unconditional context")
+    sample.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the trained size)")
+    sample.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the trained size)")
     _common(sample)
 
     ev = sub.add_parser("eval", help="samples for validation captions + held-out loss -> report, images, grid")
     ev.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default: {run}/eval)")
     ev.add_argument("--num-samples", type=int, default=32, help="images to sample, one per validation caption (cycled)")
-    ev.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="override eval.sampler")
-    ev.add_argument("--steps", type=int, default=None, help="override eval.steps")
-    ev.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
+    _sampling_args(ev, steps_etc=False)
     ev.add_argument("--shards", action="store_true", help="also write the images as WebDataset shards (img2dataset layout)")
     _common(ev)
 
@@ -95,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .slurm.commands import add_slurm_parser
 
     add_slurm_parser(sub, _common)
+    from .config_doc import add_config_parser
+
+    add_config_parser(sub, _common)
     return parser
 
 
@@ -108,7 +148,8 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         "train-vae": lambda: stages.train_vae_stage(cfg, args.overwrite),
         "encode": lambda: stages.encode_stage(cfg, args.overwrite),
         "train": lambda: stages.train_stage(cfg, args.overwrite),
-        "sample": lambda: stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite),
+        "sample": lambda: stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite,
+                                              args.negative_prompt, args.height, args.width),
         "eval": lambda: _eval(stages, args, cfg),
         "export": lambda: _export(stages, args, cfg),
         "convert": lambda: stages.convert_stage(args.input, args.output, args.to, args.overwrite),
@@ -153,10 +194,12 @@ def _slurm(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def eval_overrides(args: argparse.Namespace) -> list[str]:
-    """``eval --sampler/--steps/--guidance`` are shorthands for the ``eval.*`` keys (validated the same way)."""
-    if args.command != "eval":
+    """``eval|sample --sampler/--steps/--guidance`` (and ``sample --seed``) are shorthands for the
+    ``eval.*`` keys (validated the same way)."""
+    if args.command not in ("eval", "sample"):
         return []
-    pairs = (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance))
+    pairs = (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
+             ("seed", getattr(args, "seed", None)))
     return [f"eval.{key}={value}" for key, value in pairs if value is not None]
 
 
@@ -175,18 +218,36 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # reported with the usage of the subcommand they were given to (`ldm-train sample: error: ...`)
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     return args
 
 
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand parser ``args`` went through (``data folder``, ``slurm submit``)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.command == "config":
+        from .config_doc import run_config
+
+        return run_config(args)
     try:
         config_path = getattr(args, "config", None)
         cfg = load_config(config_path, [*getattr(args, "overrides", ()), *eval_overrides(args), *data_overrides(args)])
+        if args.command == "export":  # nothing to export: said before the full check below imports torch
+            from .stages import export_precheck
+
+            export_precheck(cfg)
         from .diffusion.checks import check_config
 
         check_config(cfg, str(config_path or "<defaults>") + " + overrides")

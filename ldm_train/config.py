@@ -765,6 +765,18 @@ def _origin(key: str, overridden: set[str], source: str) -> str:
     return source
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"  # package data; ``configs/`` in a checkout links here
+
+
+def preset_path(name: str) -> Path:
+    """The packaged preset ``name`` (``micro`` -> ``ldm_train/presets/micro.yaml``)."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {name} (not a file, nor a preset: {known})")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 migrate_old: bool = False) -> Config:
     """Read a YAML file (or defaults when ``path`` is None), apply dotted overrides, validate.
@@ -779,6 +791,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     words: dict[tuple, str] = {}  # where a YAML boolean was written as a word (no, off, yes, on)
     if path is not None:
         p = Path(path)
+        p = preset_path(str(p)) if not p.suffix and not p.exists() and p.parent == Path(".") else p
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

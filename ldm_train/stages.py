@@ -17,57 +17,47 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
+# Every stage imports what it needs when it runs, so `ldm-train --help`, a config error or a
+# refusal never pays for torch, accelerate or diffusers.
+from .config import Config
+from .errors import Preempted, UserError
 
-from .autoencoder.train_vae import reconstruct, train_vae
-from .autoencoder.vae import load_vae
-from .config import Config, ConfigError
-from .data.convert import convert_folder, convert_hf
-from .data.emoji import build_emoji_shards
-from .data.shards import FailedShardsError, SkipReport, check_failed_shards, load_images
-from .eval.distributed import generate_across_ranks
-from .eval.periodic import periodic_eval
-from .eval.pipeline import PipelineError, load_pipeline
-from .eval.report import ImageMetrics, write_eval_images
-from .eval.sample import generate
-from .eval.validate import validation_loss
-from .export.export import export_pipeline
-from .latents.cache import load_latents, read_manifest
-from .latents.encode import Encoders, encode_split
-from .latents.ranks import RankGroup, Ranks
-from .model.convert import write_diffusers_unet, write_project_unet
-from .model.load import read_unet
-from .text.encoder import load_text_encoder, prepare_text_encoder
-from .train.batches import training_batches
-from .train.checkpoint import checkpoint_step, latest_checkpoint, latest_step, load_weights
-from .errors import Preempted
-from .train.control import write_status
-from .train.loop import make_accelerator, train_denoiser
-from .utils.images import plot_losses, save_grid
-from .utils.runs import RESUMABLE, MetricsLog, check_output, pick_device, prepare_output, record_config
+NO_CHECKPOINT = "no checkpoint under {}; run `ldm-train train` first"
 
 
 
 
 def data_emoji(cfg: Config, out: Path | None, overwrite: bool) -> dict:
+    from .data.emoji import build_emoji_shards
+
     root = out if out is not None else cfg.path(cfg.data.train_shards).parent
     return build_emoji_shards(cfg.data.emoji, root / "train", root / "val", overwrite=overwrite)
 
 
 def data_folder(cfg: Config, src: Path, out: Path | None, overwrite: bool) -> dict:
+    from .data.convert import convert_folder
+
     root = out if out is not None else cfg.path(cfg.data.train_shards).parent
     return convert_folder(src, root, cfg.data.convert, cfg.data.tolerate_failed_shards, overwrite)
 
 
 def data_hf(cfg: Config, dataset: str, split: str | None, image_column: str, caption_column: str,
             out: Path | None, overwrite: bool) -> dict:
+    from .data.convert import convert_hf
+
     root = out if out is not None else cfg.path(cfg.data.train_shards).parent
     return convert_hf(dataset, root, cfg.data.convert, image_column, caption_column, split,
                       cfg.data.tolerate_failed_shards, overwrite)
 
 
 def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
+    import torch
+
+    from .autoencoder.train_vae import reconstruct, train_vae
+    from .data.shards import SkipReport, check_failed_shards, load_images
+    from .utils.images import save_grid
+    from .utils.runs import MetricsLog, pick_device, prepare_output, record_config
+
     record_config(cfg, overwrite, stage="train-vae")
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
@@ -89,6 +79,13 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
 def encode_stage(cfg: Config, overwrite: bool) -> dict:
     """Every launcher rank encodes its share of the input shards (see ldm_train.latents.encode);
     rerunning after a crash resumes. Failed input shards of either split are reported at the end."""
+    from .autoencoder.vae import load_vae
+    from .data.shards import FailedShardsError
+    from .latents.encode import Encoders, encode_split
+    from .latents.ranks import RankGroup, Ranks
+    from .text.encoder import prepare_text_encoder
+    from .utils.runs import pick_device, record_config
+
     ranks = Ranks.from_env()
     device = ranks.device(pick_device(cfg.distributed.cpu))
     root = cfg.path(cfg.latents.dir)
@@ -117,6 +114,14 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
 def train_stage(cfg: Config, overwrite: bool) -> dict:
     """Train, or resume from the latest complete checkpoint when one exists (``--overwrite``
     starts over). Every rank runs this; rank 0 writes the config and ``status.json``."""
+    from .eval.periodic import periodic_eval
+    from .train.batches import training_batches
+    from .train.checkpoint import checkpoint_step, latest_checkpoint, latest_step
+    from .train.control import write_status
+    from .train.loop import make_accelerator, train_denoiser
+    from .utils.images import plot_losses
+    from .utils.runs import RESUMABLE, MetricsLog, check_output, prepare_output, record_config
+
     run = cfg.path("{run}")
     ckpts = run / "checkpoints"
     resume = None if overwrite else latest_checkpoint(ckpts)
@@ -173,11 +178,21 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     }
 
 
-def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool) -> dict:
+def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool,
+                 negative_prompt: str | None = None, height: int | None = None, width: int | None = None) -> dict:
+    """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid; see
+    :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size."""
+    from .eval.pipeline import load_pipeline
+    from .eval.sample import generate, latent_shape
+    from .utils.images import save_grid
+    from .utils.runs import check_output, pick_device
+
     check_output(out, overwrite, "sample")
     device = pick_device(cfg.distributed.cpu)
     pipe = load_pipeline(checkpoint, device)
-    images, captions = generate(pipe, prompts, cfg.eval, device, progress=True)
+    latent_shape(pipe, height, width)  # a size that does not fit is refused before any sampling
+    images, captions = generate(pipe, prompts, cfg.eval, device, progress=True,
+                                negative_prompt=negative_prompt, height=height, width=width)
     save_grid(out, images, ncols=cfg.eval.samples_per_prompt, captions=captions)
     return {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
 
@@ -186,6 +201,16 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
+    from accelerate import Accelerator
+
+    from .eval.distributed import generate_across_ranks
+    from .eval.pipeline import load_pipeline
+    from .eval.report import ImageMetrics, write_eval_images
+    from .eval.validate import validation_loss
+    from .latents.cache import load_latents
+    from .utils.images import save_grid
+    from .utils.runs import check_output, prepare_output
+
     check_output(out_dir, overwrite, "eval")  # every rank, before any writes
     accelerator = Accelerator(cpu=cfg.distributed.cpu)
     device = accelerator.device
@@ -224,10 +249,18 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
 
 
 def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
+    from .autoencoder.vae import load_vae
+    from .eval.pipeline import PipelineError
+    from .export.export import export_pipeline
+    from .latents.cache import read_manifest
+    from .text.encoder import load_text_encoder
+    from .train.checkpoint import latest_checkpoint, load_weights
+    from .utils.runs import check_output
+
     check_output(out, overwrite, "export")
     ckpt = latest_checkpoint(cfg.path("{run}") / "checkpoints")
     if ckpt is None:
-        raise PipelineError(f"no checkpoint under {cfg.path('{run}') / 'checkpoints'}; run `ldm-train train` first")
+        raise PipelineError(NO_CHECKPOINT.format(cfg.path("{run}") / "checkpoints"))
     manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
     vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype)
     text = load_text_encoder(cfg.path(cfg.text.dir))
@@ -237,8 +270,20 @@ def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
     return {"export": str(out), "from_checkpoint": str(ckpt)}
 
 
+def export_precheck(cfg: Config) -> None:
+    """``export``'s refusal when there is no checkpoint folder at all, before anything heavy is
+    imported (the CLI runs it before the config's full check); :func:`export_stage` decides the rest."""
+    ckpts = cfg.path("{run}") / "checkpoints"
+    if not ckpts.is_dir() or not any(p.name.startswith("step-") for p in ckpts.iterdir()):
+        raise UserError(NO_CHECKPOINT.format(ckpts))
+
+
 def convert_stage(src: Path, dst: Path, to: str, overwrite: bool) -> dict:
     """A U-Net folder in either format -> ``to`` format (``project`` or ``diffusers``)."""
+    from .model.convert import write_diffusers_unet, write_project_unet
+    from .model.load import read_unet
+    from .utils.runs import check_output, prepare_output
+
     check_output(dst, overwrite, "convert")  # before reading: a refusal costs nothing
     cfg, state = read_unet(src)
     prepare_output(dst, overwrite, "convert")

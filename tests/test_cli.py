@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm_train.cli import build_parser, main
 
-COMMANDS = {"data", "train-vae", "encode", "train", "sample", "eval", "export", "demo", "slurm", "convert"}
+COMMANDS = {"data", "train-vae", "encode", "train", "sample", "eval", "export", "demo", "slurm", "convert", "config"}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -191,7 +191,7 @@ def test_convert_round_trip_through_the_cli(tmp_path):
     from ldm_train.config import ModelConfig
     from ldm_train.model.convert import diffusers_config_from_model
 
-    cfg = ModelConfig(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
+    cfg = ModelConfig(block_out_channels=[16, 32], attention_levels=[False, True], channels_per_head=8,
                       cross_attention_dim=16, norm_num_groups=8)
     torch.manual_seed(0)
     theirs = diffusers.UNet2DConditionModel.from_config(diffusers_config_from_model(cfg, sample_size=8))
@@ -204,3 +204,138 @@ def test_convert_round_trip_through_the_cli(tmp_path):
     assert list(diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "back").config.block_out_channels) == [16, 32]
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "proj"), "--to", "project"]) == 2
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "proj"), "--to", "project", "--overwrite"]) == 0
+
+
+# --- conventions: --version, python -m, flags reported under their subcommand, presets by name ----
+
+
+def test_version(capsys):
+    from ldm_train import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ldm-train {__version__}"
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "ldm_train", "--version"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ldm-train "), proc.stderr
+
+
+def test_sampler_choices_are_the_registry():
+    from ldm_train.cli import SAMPLER_NAMES
+    from ldm_train.diffusion.samplers import SAMPLERS
+
+    assert list(SAMPLER_NAMES) == list(SAMPLERS)
+
+
+@pytest.mark.parametrize("argv", [["sample", "--checkpoint", "x", "--prompt", "p", "--out", "o.png", "--bogus"],
+                                  ["data", "folder", "--src", "x", "--bogus"], ["train", "--bogus"]])
+def test_unknown_flag_is_reported_under_its_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    prog = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    err = capsys.readouterr().err
+    assert f"ldm-train {prog}: error: unrecognized arguments: --bogus" in err
+    assert f"usage: ldm-train {prog}" in err
+
+
+@pytest.mark.parametrize("argv", HELP_ARGS, ids=[" ".join(a) for a in HELP_ARGS])
+def test_help_names_no_moved_config_path(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "configs/demo.yaml" not in capsys.readouterr().out
+
+
+def test_config_accepts_a_preset_name(capsys):
+    from ldm_train.config import config_yaml, load_config, preset_path
+
+    assert preset_path("micro").samefile(MICRO)
+    assert main(["config", "show", "--config", "micro"]) == 0
+    assert capsys.readouterr().out == config_yaml(load_config(MICRO))
+    assert main(["train", "--config", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-preset" in err and "micro" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["train", "train.lr=fast"], ["export"]],
+                         ids=["help", "train help", "config error", "export without checkpoint"])
+def test_quick_commands_do_not_import_torch(argv, tmp_path):
+    """What keeps these fast (launch/bench_cli.py times them): no torch, diffusers or accelerate."""
+    code = ("import sys\nfrom ldm_train.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    rc = e.code\nheavy = sorted({'torch', 'diffusers', 'accelerate'} & set(sys.modules))\n"
+            "print('HEAVY', heavy, 'RC', rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv, f"run.dir={tmp_path / 'run'}"] if "--help" not in argv
+                          else [sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "HEAVY [] RC" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("RC 0" if "--help" in argv else "RC 2")
+    if argv == ["export"]:
+        assert "no checkpoint under" in proc.stderr
+
+
+# --- sample: the eval flags, a negative prompt and the image size ---------------------------------
+
+
+def _sample_grid(micro_run, out, *flags):
+    import numpy as np
+
+    argv = ["sample", "--checkpoint", str(micro_run.export), "--prompt", "red circle 0", "--out", str(out),
+            "--config", str(MICRO), "distributed.cpu=true", *flags]
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def baseline_grid(micro_run, tmp_path_factory):
+    return _sample_grid(micro_run, tmp_path_factory.mktemp("sample") / "base.png")
+
+
+SAMPLE_FLAGS = {
+    "steps": ["--steps", "5"], "guidance": ["--guidance", "7.5"], "sampler": ["--sampler", "euler"],
+    "seed": ["--seed", "7"], "negative-prompt": ["--negative-prompt", "blue square 2"],
+    "height": ["--height", "24"], "width": ["--width", "40"],
+}
+
+
+@pytest.mark.parametrize("flag", list(SAMPLE_FLAGS))
+def test_sample_flag_changes_the_output(micro_run, baseline_grid, tmp_path, flag):
+    grid = _sample_grid(micro_run, tmp_path / "grid.png", *SAMPLE_FLAGS[flag])
+    assert grid.shape != baseline_grid.shape or (grid != baseline_grid).any()
+
+
+def test_sample_size_sets_the_image_size(micro_run, tmp_path, capsys):
+    _sample_grid(micro_run, tmp_path / "grid.png", "--height", "24", "--width", "40")
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == micro_run.cfg.eval.samples_per_prompt
+
+
+def test_sample_flags_are_eval_overrides():
+    from ldm_train.cli import eval_overrides, parse
+
+    args = parse(["sample", "--checkpoint", "x", "--prompt", "p", "--out", "o.png", "--steps", "5",
+                  "--guidance", "2", "--sampler", "heun", "--seed", "3"])
+    assert eval_overrides(args) == ["eval.sampler=heun", "eval.steps=5", "eval.guidance_scale=2.0", "eval.seed=3"]
+
+
+@pytest.mark.parametrize("flag, value", [("--height", "33"), ("--width", "31")])
+def test_sample_size_not_a_multiple_of_the_vae_factor_is_refused(micro_run, tmp_path, capsys, flag, value):
+    rc = main(["sample", "--checkpoint", str(micro_run.export), "--prompt", "p", "--out", str(tmp_path / "g.png"),
+               "--config", str(MICRO), "distributed.cpu=true", flag, value])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm-train sample: error:") and f"{flag} {value}" in err and "multiple of 2" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--height", "0"], ["--width", "-8"], ["--sampler", "nope"]])
+def test_sample_bad_flag_values_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--checkpoint", "x", "--prompt", "p", "--out", "o.png", *argv])
+    assert info.value.code == 2
+    assert "ldm-train sample: error: argument " + argv[0] in capsys.readouterr().err

@@ -7,6 +7,7 @@ from accelerate.utils import find_executable_batch_size
 
 from ..autoencoder.vae import decode_latents
 from ..config import EvalConfig
+from ..errors import UserError
 from ..diffusion import sample_from_config
 from .pipeline import Pipeline
 
@@ -21,19 +22,25 @@ def generate(
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """``samples_per_prompt`` images for each prompt, seeded by ``eval_cfg.seed``.
 
     Every sample's initial noise is drawn from one seeded stream for the whole list, and rank r
     samples indices r, r + world_size, ...; so with a deterministic sampler (DDIM eta=0, the ODE
     samplers) the images do not depend on the number of processes. Stochastic samplers draw their
-    per-step noise from a per-batch generator seeded by (seed, first index). Returns (this rank's
-    images NCHW in [-1, 1] on the CPU, their captions)."""
+    per-step noise from a per-batch generator seeded by (seed, first index). ``negative_prompt``'s
+    embedding replaces the empty caption's as the unconditional context of classifier-free
+    guidance; ``height``/``width`` (pixels, see :func:`latent_shape`) replace the trained size.
+    Returns (this rank's images NCHW in [-1, 1] on the CPU, their captions)."""
     captions = [p for p in prompts for _ in range(eval_cfg.samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(eval_cfg.seed)
-    noise_all = torch.randn((len(captions), *pipe.latent_shape), generator=gen, device=device)
+    shape = latent_shape(pipe, height, width)
+    noise_all = torch.randn((len(captions), *shape), generator=gen, device=device)
     mine = list(range(rank, len(captions), world_size))
-    null = pipe.text([""])[0]
+    null = pipe.text([negative_prompt or ""])[0]
 
     @find_executable_batch_size(starting_batch_size=batch_size or eval_cfg.batch_size)
     def sample_all(size: int) -> tuple[list, list]:  # called again with size // 2 after a CUDA OOM
@@ -52,3 +59,21 @@ def generate(
     if not images:
         return torch.empty(0, 3, 0, 0), []
     return torch.cat(images), mine_captions
+
+
+def downsampling_factor(vae) -> int:
+    """Pixels per latent cell along each side: 2 per down block of the autoencoder but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(pipe: Pipeline, height: int | None = None, width: int | None = None) -> list[int]:
+    """The latent (C, H, W) for an image of ``height`` x ``width`` pixels (each None: the trained
+    size). Refuses a size that is not a positive multiple of the autoencoder's downsampling factor,
+    naming the flag (``--height``/``--width``)."""
+    channels, h, w = pipe.latent_shape
+    factor = downsampling_factor(pipe.vae)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise UserError(f"{flag} {value}: must be a positive multiple of {factor}, the autoencoder's "
+                            f"downsampling factor (trained size {h * factor}x{w * factor})")
+    return [channels, h if height is None else height // factor, w if width is None else width // factor]

@@ -13,10 +13,10 @@ from .status import format_status, status
 from .submit import request_for, submit
 
 EXAMPLES = """examples:
-  ldm-train slurm submit --config configs/demo.yaml run.dir=runs/exp1 --nodes 4 --gpus-per-node 8 \\
+  ldm-train slurm submit --config demo run.dir=runs/exp1 --nodes 4 --gpus-per-node 8 \\
       --partition gpu --time 24:00:00 --account proj42
-  ldm-train slurm submit --config configs/demo.yaml --nodes 2 --gpus-per-node 8 --dry-run
-  ldm-train slurm submit --stage eval --config configs/demo.yaml --gpus-per-node 1 --args "--num-samples 1000"
+  ldm-train slurm submit --config demo --nodes 2 --gpus-per-node 8 --dry-run
+  ldm-train slurm submit --stage eval --config demo --gpus-per-node 1 --args "--num-samples 1000"
   ldm-train slurm status runs/exp1
 """
 

@@ -1,4 +1,4 @@
-"""Render the sbatch script of a stage from the template in ``slurm/`` (``{{name}}`` fields).
+"""Render the sbatch script of a stage from the template ``job.sbatch`` next to this module (``{{name}}`` fields).
 
 Pure text: nothing here imports the training code or talks to Slurm, so a script can be rendered
 and checked for any cluster shape on any machine.
@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import SlurmConfig
 from ..errors import UserError
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "job.sbatch"  # package data (slurm/job.sbatch links here)
 STAGES = ("train", "encode", "eval")
 FIELD = re.compile(r"\{\{(\w+)\}\}")
 
