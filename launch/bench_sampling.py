@@ -23,7 +23,7 @@ ANCHOR_IMG_S = 3.37  # diffusers SD-1.5 U-Net, H200, bf16, 512 px, batch 16, 50 
 # Latents [in_channels, res, res] (res = image px / 8), contexts [context_len, cross_attention_dim];
 # sd15 (and a config file) give the model and autoencoder sections.
 PRESETS = {
-    "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
+    "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], channels_per_head=8,
                             cross_attention_dim=32, norm_num_groups=8),
                  vae=dict(block_out_channels=[8, 16], layers_per_block=2, norm_num_groups=8), res=8, context_len=16),
     "sd15": dict(model=SD15_CONFIG, res=64, context_len=77),

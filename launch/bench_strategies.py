@@ -28,7 +28,7 @@ from bench_common import SD15_CONFIG, preset, preset_arg, write_json
 
 # Latents [in_channels, res, res], contexts [context_len, cross_attention_dim].
 PRESETS = {
-    "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
+    "tiny": dict(model=dict(block_out_channels=[16, 32], attention_levels=[False, True], channels_per_head=8,
                             cross_attention_dim=32, norm_num_groups=8), res=8, context_len=16, batch=8),
     "mid": dict(model={}, res=16, context_len=32, batch=16),
     "sd15": dict(model=SD15_CONFIG, res=32, context_len=77, batch=16),

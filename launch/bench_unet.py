@@ -57,14 +57,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on one CPU core: the subprocess test's config.
     "tiny": dict(
         model=dict(in_channels=4, out_channels=4, block_out_channels=[32, 64], attention_levels=[False, True],
-                   layers_per_block=1, attention_head_dim=16, cross_attention_dim=32, norm_num_groups=8),
+                   layers_per_block=1, channels_per_head=16, cross_attention_dim=32, norm_num_groups=8),
         batch=2, res=8, context_len=8,
     ),
     # SD-like (2 resnets per level, attention at the two lower levels, 77-token context) at a
     # size a 2-core CPU runs in about a second per step.
     "small": dict(
         model=dict(in_channels=4, out_channels=4, block_out_channels=[64, 128, 128],
-                   attention_levels=[False, True, True], layers_per_block=2, attention_head_dim=32,
+                   attention_levels=[False, True, True], layers_per_block=2, channels_per_head=32,
                    cross_attention_dim=128, norm_num_groups=32),
         batch=8, res=32, context_len=77,
     ),

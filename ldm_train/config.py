@@ -158,9 +158,10 @@ class ModelConfig(Section):
     """Cross-attention U-Net (:class:`ldm_train.model.UNet`; the SD U-Net family). Keys are the
     constructor's; ``attention_levels[i]`` puts transformer blocks at level i.
 
-    ``attention_head_dim`` is channels per head here. diffusers' ``attention_head_dim`` is the
-    head *count* (SD 1.x: 8, SD 2.x: [5, 10, 20, 20]); ``ldm_train.model.convert`` translates.
-    ``num_attention_heads`` (one count per level) overrides ``attention_head_dim`` when set.
+    ``channels_per_head`` is channels per head (called ``attention_head_dim`` before: diffusers'
+    ``attention_head_dim`` is the head *count*, SD 1.x: 8, SD 2.x: [5, 10, 20, 20];
+    ``ldm_train.model.convert`` translates). ``num_attention_heads`` (one count per level)
+    overrides ``channels_per_head`` when set.
     ``init_from`` is not an architecture key: a diffusers U-Net folder or a project U-Net folder
     whose weights the training loop loads (``load_unet_weights``) before the first step.
     """
@@ -171,7 +172,7 @@ class ModelConfig(Section):
     attention_levels: list[bool] = Field(
         [False, True, True], description="per level: whether it has transformer (self + cross-attention) blocks")
     layers_per_block: int = Field(1, gt=0, description="resnet blocks per level")
-    attention_head_dim: int = Field(
+    channels_per_head: int = Field(
         32, gt=0, description="channels per attention head (diffusers' attention_head_dim is the head count)")
     cross_attention_dim: int = Field(128, gt=0, description="width of the text embedding attended to")
     norm_num_groups: int = Field(32, gt=0, description="GroupNorm groups")
@@ -457,7 +458,7 @@ class Config(Section):
         return template.replace("{run}", self.run.dir)
 
 
-# Keys that moved into nested sections (issue 12), old -> new places. A config naming an old key is
+# Keys that moved into nested sections (issue 12) or were renamed, old -> new places. A config naming an old key is
 # refused with its new place; a run folder's config.yaml written before the move is read with
 # ``migrate=True``, which moves each old key (to every new place, where one key served several).
 MOVED: dict[str, tuple[str, ...]] = {
@@ -486,6 +487,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     **{f"eval.{k}": (f"eval.metrics.{k}",) for k in (
         "inception_weights", "fid_feature", "fid_resize", "fid_reference_dir", "kid_subset_size", "kid_subsets",
         "clip_model", "clip_weights")},
+    "model.attention_head_dim": ("model.channels_per_head",),  # diffusers' name for the head count
 }
 # Old sampler settings at these values were the defaults every config.yaml spelled out; they stay
 # defaults (not copied into eval.samplers) so an old run compares equal to a new one.
@@ -494,6 +496,8 @@ _OLD_SAMPLER_DEFAULTS = {"eval.eta": 0.0, "eval.spacing": "leading", "eval.s_chu
                          "eval.snr": 0.16, "eval.n_corrector": 1, "eval.langevin_steps_per_sigma": 5,
                          "eval.langevin_step_lr": 2e-5}
 RENAMED_SAMPLERS = {"iddpm": "ddpm"}  # iddpm was an exact alias of ddpm
+_WHY = {"model.attention_head_dim": " (channels per head; diffusers' attention_head_dim is the head count:"
+                                    " model.num_attention_heads)"}
 
 # What users of diffusers' train_text_to_image.py / kohya sd-scripts / SimpleTuner type, -> our key.
 # An unknown key of one of these names is answered with ours (a key in MOVED: its new place).
@@ -592,7 +596,8 @@ def _has_dotted(tree: dict, dotted: str) -> bool:
 
 def moved_keys(tree: dict) -> dict[str, str]:
     """{old key in ``tree``: where it is now} (empty when the tree has none)."""
-    found = {old: f"moved to {' and '.join(new)}" for old, new in MOVED.items() if _has_dotted(tree, old)}
+    found = {old: f"moved to {' and '.join(new)}{_WHY.get(old, '')}" for old, new in MOVED.items()
+             if _has_dotted(tree, old)}
     sampler = tree.get("eval", {}).get("sampler") if isinstance(tree.get("eval"), dict) else None
     if isinstance(sampler, str) and sampler in RENAMED_SAMPLERS:
         new = RENAMED_SAMPLERS[sampler]

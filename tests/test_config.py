@@ -361,6 +361,20 @@ def test_every_alias_names_a_key():
             if MOVED.get(new, (new,))[0] not in keys} == {}
 
 
+def test_attention_head_dim_is_renamed_channels_per_head(tmp_path):
+    """Channels per head here, the head count in diffusers: the old name is refused naming the new
+    one, and a resolved config of an older run reads it as channels_per_head."""
+    with pytest.raises(ConfigError, match=r"model.attention_head_dim: moved to model.channels_per_head \(channels "
+                                          r"per head; diffusers' attention_head_dim is the head count"):
+        load_config(None, ["model.attention_head_dim=16"])
+    import yaml
+
+    old = Config().model_dump()
+    old["model"]["attention_head_dim"] = old["model"].pop("channels_per_head") // 2
+    cfg = load_config(write(tmp_path, yaml.safe_dump(old)))
+    assert cfg.model.channels_per_head == Config().model.channels_per_head // 2
+
+
 def test_yaml_boolean_words_mean_the_string_where_a_string_is_expected(tmp_path):
     path = write(tmp_path, "distributed:\n  mixed_precision: no\nslurm:\n  partition: on\n  modules: [no]\n"
                            "  env: {A: yes}\ntrain:\n  tensorboard: no\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm_train.config import ModelConfig
+from ldm_train.config import ModelConfig, migrate
 from ldm_train.errors import UserError
 from ldm_train.model.family import (
     CROSS_DOWN, CROSS_UP, FAMILY_DEFAULTS, IGNORED, MID, MUST_BE, PLAIN_DOWN, PLAIN_UP, same_value,
@@ -107,7 +107,8 @@ def _depths(cfg: dict, n: int, source: str) -> int | list[int]:
 
 
 def _heads(cfg: dict, chs: list[int], levels: list[bool], source: str) -> dict:
-    """diffusers' head COUNT(s) -> our channels-per-head, or per-level counts if widths differ."""
+    """diffusers' head COUNT(s) (its ``attention_head_dim``) -> our ``channels_per_head``, or
+    per-level counts if widths differ."""
     raw, n = _get(cfg, "attention_head_dim"), len(chs)
     heads = [raw] * n if not isinstance(raw, (list, tuple)) else list(raw)
     if len(heads) != n:
@@ -119,8 +120,8 @@ def _heads(cfg: dict, chs: list[int], levels: list[bool], source: str) -> dict:
     heads = [h if i in sites else (h if isinstance(h, int) and h > 0 else 1) for i, h in enumerate(heads)]
     widths = {chs[i] // heads[i] for i in sites}
     if len(widths) == 1:
-        return {"attention_head_dim": widths.pop(), "num_attention_heads": None}
-    return {"attention_head_dim": chs[sites[0]] // heads[sites[0]], "num_attention_heads": heads}
+        return {"channels_per_head": widths.pop(), "num_attention_heads": None}
+    return {"channels_per_head": chs[sites[0]] // heads[sites[0]], "num_attention_heads": heads}
 
 
 def model_config_from_diffusers(cfg: dict, source: str) -> ModelConfig:
@@ -293,7 +294,7 @@ def project_model_config(raw: dict, source: str) -> ModelConfig:
     if raw.get("format", FORMAT) != FORMAT or not isinstance(raw.get("model"), dict):
         raise UNetFolderError(f"{source}: not an ldm_train U-Net config (needs \"format\": \"{FORMAT}\" and \"model\")")
     try:
-        return ModelConfig.model_validate(raw["model"])
+        return ModelConfig.model_validate(migrate({"model": raw["model"]})["model"])  # also a folder from before a rename
     except ValueError as e:
         raise UNetFolderError(f"{source}: invalid \"model\" section: {e}") from None
 

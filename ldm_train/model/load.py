@@ -86,7 +86,7 @@ def architecture_differences(ours: dict, theirs: dict) -> list[str]:
     if diffs:
         return diffs
     sites = attention_sites(ours)
-    for key, per_level in (("num_attention_heads/attention_head_dim", level_heads),
+    for key, per_level in (("num_attention_heads/channels_per_head", level_heads),
                            ("transformer_layers_per_block", level_depths)):
         a, b = [per_level(ours)[i] for i in sites], [per_level(theirs)[i] for i in sites]
         if a != b:

@@ -13,10 +13,10 @@ plus ``init_from``, which is for the training loop, not the constructor):
   has one. diffusers spells this as ``CrossAttnDownBlock2D`` vs ``DownBlock2D`` per level.
 - ``layers_per_block``: resnets per level on the way down ("num res blocks"); the way up has
   one more so it also consumes the level's downsampling skip.
-- ``attention_head_dim``: channels per attention head ("num head channels"); heads at a level =
-  channels // attention_head_dim. NB diffusers' ``attention_head_dim`` is the head *count*
+- ``channels_per_head``: channels per attention head ("num head channels"); heads at a level =
+  channels // channels_per_head. NB diffusers' ``attention_head_dim`` is the head *count*
   (SD 1.x: 8 heads at every level, SD 2.x: [5, 10, 20, 20]); see :mod:`ldm_train.model.convert`.
-- ``num_attention_heads``: optional head count per level; overrides ``attention_head_dim``
+- ``num_attention_heads``: optional head count per level; overrides ``channels_per_head``
   (needed for SD 1.x, whose head width grows with the level). Level -1 also sets the middle block.
 - ``transformer_layers_per_block``: BasicTransformerBlocks per transformer, int or per level
   (the middle block uses the last level's; the up path mirrors the down path).
@@ -56,10 +56,10 @@ def level_depths(config: dict) -> list[int]:
 
 
 def level_heads(config: dict) -> list[int]:
-    """Attention heads per level: ``num_attention_heads`` or channels // ``attention_head_dim``."""
+    """Attention heads per level: ``num_attention_heads`` or channels // ``channels_per_head``."""
     if config.get("num_attention_heads") is not None:
         return list(config["num_attention_heads"])
-    return [max(1, c // config["attention_head_dim"]) for c in config["block_out_channels"]]
+    return [max(1, c // config["channels_per_head"]) for c in config["block_out_channels"]]
 
 
 def attention_sites(config: dict) -> list[int]:
@@ -87,7 +87,7 @@ def validate_config(c: dict) -> None:
             f"model.attention_levels has {len(c['attention_levels'])} entries but model.block_out_channels "
             f"has {n}; give one bool per level"
         )
-    for name in ("layers_per_block", "attention_head_dim", "norm_num_groups", "cross_attention_dim", "norm_eps"):
+    for name in ("layers_per_block", "channels_per_head", "norm_num_groups", "cross_attention_dim", "norm_eps"):
         if c[name] <= 0:
             raise ValueError(f"model.{name} must be positive, got {c[name]}")
     if not 0.0 <= c["dropout"] < 1.0:
@@ -114,10 +114,10 @@ def _validate_heads(c: dict) -> None:
                 f"model.block_out_channels[{i}]={chs[i]} ({where}) is not divisible by "
                 f"model.num_attention_heads[{i}]={heads[i]}"
             )
-        if c["num_attention_heads"] is None and chs[i] % c["attention_head_dim"]:
+        if c["num_attention_heads"] is None and chs[i] % c["channels_per_head"]:
             raise ValueError(
                 f"model.block_out_channels[{i}]={chs[i]} ({where}) is not divisible by "
-                f"model.attention_head_dim={c['attention_head_dim']}"
+                f"model.channels_per_head={c['channels_per_head']}"
             )
 
 
@@ -133,7 +133,7 @@ class UNet(nn.Module):
         block_out_channels: list[int] | tuple[int, ...] = (64, 128, 128),
         attention_levels: list[bool] | tuple[bool, ...] = (False, True, True),
         layers_per_block: int = 1,
-        attention_head_dim: int = 32,
+        channels_per_head: int = 32,
         cross_attention_dim: int = 128,
         norm_num_groups: int = 32,
         dropout: float = 0.0,

@@ -55,7 +55,7 @@ def test_bench_unet_help():
 def test_bench_unet_takes_a_config_file(tmp_path):
     """--config FILE: the file's model section (here relative to the working directory)."""
     (tmp_path / "unet.yaml").write_text("model:\n  block_out_channels: [16, 32]\n  attention_levels: [false, true]\n"
-                                        "  attention_head_dim: 8\n  cross_attention_dim: 16\n  norm_num_groups: 8\n")
+                                        "  channels_per_head: 8\n  cross_attention_dim: 16\n  norm_num_groups: 8\n")
     out = tmp_path / "file.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--config", "unet.yaml", "--device", "cpu", "--reps", "1", "--warmup", "0",

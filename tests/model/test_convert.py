@@ -32,7 +32,7 @@ from ldm_train.model import (
 )
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "ldm_train" / "model"
-TINY = ModelConfig(block_out_channels=[16, 32], attention_levels=[False, True], attention_head_dim=8,
+TINY = ModelConfig(block_out_channels=[16, 32], attention_levels=[False, True], channels_per_head=8,
                    cross_attention_dim=12, norm_num_groups=8)
 # SD 1.x-style diffusers config at toy width: attention_head_dim = 8 heads at every level.
 SD1_STYLE = {
@@ -58,13 +58,13 @@ def _state(cfg: ModelConfig, dtype=torch.float32, seed=0) -> dict[str, torch.Ten
 def test_sd1_style_head_counts_become_per_level_heads():
     cfg = model_config_from_diffusers(SD1_STYLE, "sd1.json")
     assert cfg.attention_levels == [True, True, True, False]
-    assert cfg.num_attention_heads == [8, 8, 8, 8]  # head width 4, 8, 8: not one attention_head_dim
+    assert cfg.num_attention_heads == [8, 8, 8, 8]  # head width 4, 8, 8: not one channels_per_head
     assert (cfg.layers_per_block, cfg.cross_attention_dim, cfg.use_linear_projection) == (2, 32, False)
 
 
-def test_sd2_style_constant_head_width_becomes_attention_head_dim():
+def test_sd2_style_constant_head_width_becomes_channels_per_head():
     cfg = model_config_from_diffusers(SD2_STYLE, "sd2.json")
-    assert (cfg.attention_head_dim, cfg.num_attention_heads) == (16, None)
+    assert (cfg.channels_per_head, cfg.num_attention_heads) == (16, None)
     assert cfg.use_linear_projection and cfg.upcast_attention
 
 
@@ -78,7 +78,7 @@ def test_missing_keys_take_diffusers_defaults():
     TINY,
     ModelConfig(),
     ModelConfig(block_out_channels=[32, 64, 96], attention_levels=[True, False, True], num_attention_heads=[2, 3, 4],
-                attention_head_dim=16, transformer_layers_per_block=[1, 2, 3], use_linear_projection=True, flip_sin_to_cos=False,
+                channels_per_head=16, transformer_layers_per_block=[1, 2, 3], use_linear_projection=True, flip_sin_to_cos=False,
                 freq_shift=1, norm_eps=1e-6, num_class_embeds=10, upcast_attention=True, in_channels=3,
                 out_channels=6, layers_per_block=2, dropout=0.1, norm_num_groups=16),
 ], ids=["tiny", "default", "everything"])
@@ -134,6 +134,14 @@ def test_project_folder_round_trip_is_bit_identical(tmp_path, dtype):
     cfg, back = read_project_unet(tmp_path)
     assert cfg == TINY and back.keys() == state.keys()
     assert all(back[k].dtype == dtype and torch.equal(back[k], state[k]) for k in state)
+
+
+def test_project_folder_written_before_the_rename_reads_attention_head_dim_as_channels_per_head(tmp_path):
+    write_project_unet(tmp_path, TINY, _state(TINY, torch.float32))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["model"]["attention_head_dim"] = raw["model"].pop("channels_per_head")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert read_project_unet(tmp_path)[0] == TINY
 
 
 def test_diffusers_folder_round_trip_and_shards(tmp_path):
@@ -237,7 +245,7 @@ def test_load_unet_weights_initialises_and_checks_architecture(tmp_path):
     assert all(torch.equal(v, state[k].to(torch.bfloat16)) and v.dtype == torch.bfloat16
                for k, v in model.state_dict().items())
     for change, key in [({"cross_attention_dim": 16}, "model.cross_attention_dim"),
-                        ({"attention_head_dim": 16}, "model.num_attention_heads/attention_head_dim"),
+                        ({"channels_per_head": 16}, "model.num_attention_heads/channels_per_head"),
                         ({"transformer_layers_per_block": 2}, "model.transformer_layers_per_block"),
                         ({"freq_shift": 1}, "model.freq_shift")]:
         with pytest.raises(UNetArchitectureMismatch, match=key):

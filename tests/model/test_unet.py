@@ -15,7 +15,7 @@ TINY = dict(
     block_out_channels=[32, 64],
     attention_levels=[False, True],
     layers_per_block=1,
-    attention_head_dim=16,
+    channels_per_head=16,
     cross_attention_dim=24,
     norm_num_groups=8,
     dropout=0.0,
@@ -108,7 +108,7 @@ def test_overfits_a_fixed_batch():
 
 def _diffusers_twin(kw: dict):
     """The UNet2DConditionModel an SD checkpoint for ``kw`` would be. diffusers' SD1-era
-    ``attention_head_dim`` is the head *count*, so pass channels // head_dim per level."""
+    ``attention_head_dim`` is the head *count*, so pass channels // channels_per_head per level."""
     from diffusers import UNet2DConditionModel
 
     levels = kw["attention_levels"]
@@ -123,7 +123,7 @@ def _diffusers_twin(kw: dict):
         layers_per_block=kw["layers_per_block"],
         cross_attention_dim=kw["cross_attention_dim"],
         norm_num_groups=kw["norm_num_groups"],
-        attention_head_dim=[max(1, c // kw["attention_head_dim"]) for c in kw["block_out_channels"]],
+        attention_head_dim=[max(1, c // kw["channels_per_head"]) for c in kw["block_out_channels"]],
         act_fn="silu",
     ).eval()
 
@@ -170,8 +170,8 @@ def test_build_unet_from_default_config():
     [
         ({"attention_levels": [False]}, "attention_levels"),
         ({"block_out_channels": [32, 60]}, "norm_num_groups"),
-        ({"block_out_channels": [32, 72], "norm_num_groups": 4}, "attention_head_dim"),
-        ({"attention_head_dim": 12}, "attention_head_dim"),
+        ({"block_out_channels": [32, 72], "norm_num_groups": 4}, "channels_per_head"),
+        ({"channels_per_head": 12}, "channels_per_head"),
         ({"block_out_channels": [], "attention_levels": []}, "block_out_channels"),
         ({"layers_per_block": 0}, "layers_per_block"),
         ({"dropout": 1.0}, "dropout"),
@@ -196,7 +196,7 @@ def test_defaults_of_new_options_keep_the_sd1_layout():
     model = UNet(**TINY)
     tf = model.down_blocks[1].attentions[0]
     assert isinstance(tf.proj_in, torch.nn.Conv2d) and len(tf.transformer_blocks) == 1
-    assert tf.transformer_blocks[0].attn1.heads == 64 // TINY["attention_head_dim"]
+    assert tf.transformer_blocks[0].attn1.heads == 64 // TINY["channels_per_head"]
     assert model.class_embedding is None and model.conv_norm_out.eps == 1e-5
 
 

@@ -39,9 +39,9 @@ def test_encode_then_train_with_other_settings_then_resume(micro_run, tmp_path, 
     assert cli("train", run, "train.lr=3e-4", "train.steps=4", "train.checkpoint_every=2") == 0
     assert cli("train", run, "train.lr=1e-3", "train.steps=6", "train.checkpoint_every=2") == 2
     assert "train.lr" in capsys.readouterr().err
-    assert cli("train", run, "train.lr=3e-4", "train.steps=6", "model.attention_head_dim=16") == 2
+    assert cli("train", run, "train.lr=3e-4", "train.steps=6", "model.channels_per_head=16") == 2
     err = capsys.readouterr().err
-    assert "model.attention_head_dim" in err and "stages/train.yaml" in err
+    assert "model.channels_per_head" in err and "stages/train.yaml" in err
     # eval/export keys pin nothing: a resume with another sampler setting is the same run
     assert cli("train", run, "train.lr=3e-4", "train.steps=6", "train.checkpoint_every=2", "eval.steps=5") == 0
 
@@ -68,7 +68,7 @@ def test_each_stage_compares_only_its_own_keys(tmp_path):
         return load_config(MICRO, [f"run.dir={tmp_path}", *o])
 
     record_config(cfg(), False, stage="encode")
-    record_config(cfg("train.lr=0.5", "model.attention_head_dim=16", "latents.loader.num_workers=0"), False, write=False, stage="encode")
+    record_config(cfg("train.lr=0.5", "model.channels_per_head=16", "latents.loader.num_workers=0"), False, write=False, stage="encode")
     with pytest.raises(OutputExistsError, match="text.width"):
         record_config(cfg("text.width=64"), False, write=False, stage="encode")
     record_config(cfg("run.seed=3"), False, write=False, stage="encode")  # posterior store: no draw to seed
@@ -114,5 +114,5 @@ def test_two_ranks_encode_then_train_with_other_settings(micro_run, tmp_path):
     proc = torchrun("train", "train.lr=3e-4", "train.steps=2", "train.checkpoint_every=2", "latents.loader.num_workers=0")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert recorded(run / "stages" / "train.yaml")["train"]["lr"] == 3e-4
-    proc = torchrun("train", "train.lr=3e-4", "train.steps=4", "model.attention_head_dim=16")
-    assert proc.returncode != 0 and "model.attention_head_dim" in proc.stderr
+    proc = torchrun("train", "train.lr=3e-4", "train.steps=4", "model.channels_per_head=16")
+    assert proc.returncode != 0 and "model.channels_per_head" in proc.stderr
