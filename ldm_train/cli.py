@@ -61,13 +61,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _sampling_args(p: argparse.ArgumentParser, steps_etc: bool = True) -> None:
+def _sampling_args(p: argparse.ArgumentParser) -> None:
     """``sample`` and ``eval``: shorthands for ``eval.*`` keys (see :func:`eval_overrides`)."""
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="override eval.sampler")
     p.add_argument("--steps", type=int, default=None, help="override eval.steps")
     p.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
-    if steps_etc:
-        p.add_argument("--seed", type=int, default=None, help="override eval.seed")
+    p.add_argument("--seed", type=int, default=None, help="override eval.seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default: {run}/eval)")
     ev.add_argument("--num-samples", type=int, default=32, help="images to sample, one per validation caption (cycled)")
-    _sampling_args(ev, steps_etc=False)
+    _sampling_args(ev)
     ev.add_argument("--shards", action="store_true", help="also write the images as WebDataset shards (img2dataset layout)")
     _common(ev)
 
@@ -194,12 +193,12 @@ def _slurm(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def eval_overrides(args: argparse.Namespace) -> list[str]:
-    """``eval|sample --sampler/--steps/--guidance`` (and ``sample --seed``) are shorthands for the
-    ``eval.*`` keys (validated the same way)."""
+    """``eval|sample --sampler/--steps/--guidance/--seed`` are shorthands for the ``eval.*`` keys
+    (validated the same way)."""
     if args.command not in ("eval", "sample"):
         return []
     pairs = (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
-             ("seed", getattr(args, "seed", None)))
+             ("seed", args.seed))
     return [f"eval.{key}={value}" for key, value in pairs if value is not None]
 
 

@@ -321,6 +321,8 @@ def test_sample_flags_are_eval_overrides():
     args = parse(["sample", "--checkpoint", "x", "--prompt", "p", "--out", "o.png", "--steps", "5",
                   "--guidance", "2", "--sampler", "heun", "--seed", "3"])
     assert eval_overrides(args) == ["eval.sampler=heun", "eval.steps=5", "eval.guidance_scale=2.0", "eval.seed=3"]
+    args = parse(["eval", "--checkpoint", "x", "--seed", "4", "--steps", "2"])
+    assert eval_overrides(args) == ["eval.steps=2", "eval.seed=4"]
 
 
 @pytest.mark.parametrize("flag, value", [("--height", "33"), ("--width", "31")])
