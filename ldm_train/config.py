@@ -82,6 +82,8 @@ class DataConfig(Section):
 
 
 class VAETrainConfig(Section):
+    """``ldm-train train-vae``: how the autoencoder is trained."""
+
     steps: int = Field(1000, ge=0, description="optimizer steps of train-vae")
     batch_size: int = Field(32, gt=0, description="images per step")
     crop: int | None = Field(
@@ -401,6 +403,8 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
+    """``ldm-train export``: the inference folder (EMA U-Net, VAE, text tower, scheduler)."""
+
     dir: str = Field("{run}/export", description="the inference folder export writes")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights")
 

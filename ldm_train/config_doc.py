@@ -36,7 +36,7 @@ def type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin is typing.Annotated:
-        return type_name(args[0])
+        return type_name(args[0]) + bounds([m for a in args[1:] for m in getattr(a, "metadata", [a])])
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " | ".join(type_name(a) for a in args)
     if annotation is type(None):
@@ -46,6 +46,16 @@ def type_name(annotation: Any) -> str:
     if annotation is Any:
         return "any"
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "len >="}
+
+
+def bounds(metadata: list) -> str:
+    """`` (> 0, < 1)`` from a field's constraints (``Field(gt=0, lt=1)``), or empty."""
+    parts = [f"{sym} {getattr(m, name)}" for m in metadata for name, sym in _BOUNDS.items()
+             if getattr(m, name, None) is not None]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def section_doc(model: type[BaseModel]) -> str:
@@ -65,18 +75,22 @@ def iter_keys(samplers: bool = True) -> Iterator[Key]:
         if dotted == "eval.samplers" and samplers:
             yield from sampler_keys()
             continue
-        yield Key(dotted, type_name(field.annotation), _plain(field.get_default(call_default_factory=True)),
-                  field.description or "")
+        yield Key(dotted, type_name(field.annotation) + bounds(field.metadata),
+                  _plain(field.get_default(call_default_factory=True)), field.description or "")
 
 
 def sampler_keys() -> Iterator[Key]:
     """``eval.samplers.NAME.KEY`` for every registered sampler's keyword-only settings."""
+    import inspect
+
     from .diffusion.samplers import SAMPLERS, settings_model
 
-    for sampler in SAMPLERS:
+    for sampler, entry in SAMPLERS.items():
         for name, field in settings_model(sampler).model_fields.items():
-            yield Key(f"eval.samplers.{sampler}.{name}", type_name(field.annotation), field.get_default(),
-                      field.description or f"setting of sampler {sampler} (used when eval.sampler={sampler})")
+            fn = entry.grid if name in inspect.signature(entry.grid).parameters else entry.fn
+            doc = field.description or f"eval.sampler={sampler}: keyword of {fn.__module__}.{fn.__qualname__}"
+            yield Key(f"eval.samplers.{sampler}.{name}", type_name(field.annotation) + bounds(field.metadata),
+                      field.get_default(), doc)
 
 
 def sections(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, str]:
