@@ -134,7 +134,11 @@ def run_config(args: argparse.Namespace) -> int:
     """Run ``config show|keys``; errors are printed (exit 2), like every other subcommand."""
     try:
         if args.config_command == "show":
-            cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", ()))
+            path = getattr(args, "config", None)
+            cfg = load_config(path, getattr(args, "overrides", ()))
+            from .diffusion.checks import check_config  # what a stage refuses is not shown as a config
+
+            check_config(cfg, str(path or "<defaults>") + " + overrides")
             sys.stdout.write(config_yaml(cfg))
             return 0
         keys = list(iter_keys())

@@ -57,6 +57,12 @@ def test_show_prints_the_resolved_config(tmp_path, capsys):
     assert shown["distributed"]["mixed_precision"] == "no"
 
 
+def test_show_refuses_what_a_stage_would_refuse(capsys):
+    assert main(["config", "show", "diffusion.prediction_type=epsilon", "diffusion.rescale_betas_zero_snr=true"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "inconsistent configuration" in captured.err
+
+
 def test_show_refuses_an_unknown_key_with_a_suggestion(capsys):
     assert main(["config", "show", "train.learning_rate=1e-4"]) == 2
     err = capsys.readouterr().err
