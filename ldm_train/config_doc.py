@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,7 +39,7 @@ def type_name(annotation: Any) -> str:
         return " | ".join(json.dumps(a) for a in args)
     if origin is typing.Annotated:
         return type_name(args[0]) + bounds([m for a in args[1:] for m in getattr(a, "metadata", [a])])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in args)
     if annotation is type(None):
         return "null"
@@ -148,7 +150,10 @@ def run_config(args: argparse.Namespace) -> int:
             if not keys:
                 known = ", ".join(sections())
                 raise ConfigError(f"no section or key {section!r}; sections: {known}")
-        print(format_keys(keys))
+        try:
+            print(format_keys(keys))
+        except BrokenPipeError:  # `ldm-train config keys | head`
+            sys.stdout = open(os.devnull, "w")
         return 0
     except UserError as e:
         print(f"ldm-train config: error: {e}", file=sys.stderr)
