@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import Config, dump_config
 from ..errors import UserError
 from . import tools
-from .render import JobRequest, render
+from .render import JobRequest, processes_per_node, render
 
 JOBS = "jobs.jsonl"
 
@@ -55,17 +55,42 @@ def refuse_active_job(run_dir: Path) -> None:
             )
 
 
-def request_for(cfg: Config, stage: str, **flags) -> JobRequest:
-    """The job request of ``stage`` for the run of ``cfg`` (its folder made absolute)."""
+def request_for(cfg: Config, stage: str, gpus_per_node: int | None = None, cpu: bool = False, **flags) -> JobRequest:
+    """The job request of ``stage`` for the run of ``cfg`` (its folder made absolute). GPUs are
+    asked for explicitly (``gpus_per_node``) or declined (``cpu``): a forgotten flag must not
+    silently become a CPU job."""
+    if cpu and gpus_per_node:
+        raise UserError(f"--cpu and --gpus-per-node {gpus_per_node}: a job is either CPU-only or has GPUs; pass one")
+    if gpus_per_node is None and not cpu:
+        raise UserError("--gpus-per-node is required (GPUs per node = ranks per node); "
+                        "pass --cpu for a CPU-only job (slurm.cpu_processes_per_node ranks per node)")
     run_dir = cfg.path("{run}").resolve()
     config = slurm_dir(run_dir) / f"{stage}-config.yaml"
-    return JobRequest(stage=stage, run_dir=run_dir, config=config, workdir=Path.cwd(), **flags)
+    return JobRequest(stage=stage, run_dir=run_dir, config=config, workdir=Path.cwd(),
+                      gpus_per_node=gpus_per_node or 0, **flags)
+
+
+def with_cpus_per_task(cfg: Config, cpus: int | None) -> Config:
+    """``cfg`` with the --cpus-per-task flag (when given) in place of ``slurm.cpus_per_task``."""
+    if cpus is None:
+        return cfg
+    if cpus < 1:
+        raise UserError(f"--cpus-per-task must be >= 1 (got {cpus})")
+    return cfg.model_copy(update={"slurm": cfg.slurm.model_copy(update={"cpus_per_task": cpus})})
+
+
+def cpus_per_task(cfg: Config, req: JobRequest) -> int:
+    """CPUs of each node's launcher: ``slurm.cpus_per_task``, else per rank its latent loader
+    workers + the rank itself + 1 spare, times the ranks per node."""
+    if cfg.slurm.cpus_per_task is not None:
+        return cfg.slurm.cpus_per_task
+    return processes_per_node(req, cfg.slurm) * (cfg.latents.loader.num_workers + 2)
 
 
 def submit(cfg: Config, req: JobRequest, dry_run: bool = False) -> dict:
     """Render; with ``dry_run`` return the script only. Else write the resolved config and the
     script to ``{run}/slurm/``, sbatch it, record the job id."""
-    script = render(req, cfg.slurm)
+    script = render(req, cfg.slurm.model_copy(update={"cpus_per_task": cpus_per_task(cfg, req)}))
     if dry_run:
         return {"script": script}
     if not tools.have("sbatch"):

@@ -11,6 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LOCAL_SLURM = REPO / "launch" / "slurm_local.sh"
+# The local node (launch/slurm_local.sh) has no GPUs and CPUs=2, so that two jobs run at once.
+LOCAL_NODE = ("--cpu", "--cpus-per-task", "1")
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
 
 
@@ -82,7 +84,7 @@ def submit(capsys, *argv: str) -> int:
     from ldm_train.cli import main
 
     capsys.readouterr()
-    rc = main(["slurm", "submit", *argv])
+    rc = main(["slurm", "submit", *argv, *(() if "--gpus-per-node" in argv else LOCAL_NODE)])
     out, err = capsys.readouterr()
     assert rc == 0, err
     return json.loads(out)["job_id"]

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import yaml
-from .slurm_helpers import HERE, ended, events, full_log, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
+from .slurm_helpers import HERE, LOCAL_NODE, ended, events, full_log, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
 
 from ldm_train.cli import main
 
@@ -51,7 +51,7 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
 
     # The other run holds at step 5 (its first start only) until the warning signal comes.
     wait_until(lambda: last_step(run) == 4, 120, "the run to reach step 4")
-    assert main(["slurm", "submit", "--config", str(cfg)]) == 2  # one job per run folder
+    assert main(["slurm", "submit", "--config", str(cfg), *LOCAL_NODE]) == 2  # one job per run folder
     assert "already has Slurm job" in capsys.readouterr().err
     signal_batch(job)
     wait_until(lambda: (read_json(run / "status.json") or {}).get("state") == "finished", 120, "the requeued job to finish")
@@ -109,7 +109,7 @@ def test_no_requeue_beyond_max_requeues(slurm_cluster, tmp_path, capsys):
 
 def test_slurm_refusal_is_one_clear_message(slurm_cluster, tmp_path, capsys):
     cfg, run = standin_config(tmp_path, "refused")
-    assert main(["slurm", "submit", "--config", str(cfg), "--partition", "no_such_partition"]) == 2
+    assert main(["slurm", "submit", "--config", str(cfg), *LOCAL_NODE, "--partition", "no_such_partition"]) == 2
     err = capsys.readouterr().err
     assert "sbatch failed" in err and "partition" in err.lower() and "Traceback" not in err
     assert [e["event"] for e in events(run)] == []  # nothing recorded for a job that does not exist

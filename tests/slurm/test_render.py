@@ -160,13 +160,47 @@ def test_cli_dry_run_prints_and_writes_nothing(tmp_path, capsys):
 def test_cli_errors_without_slurm_and_on_bad_config(tmp_path, capsys, monkeypatch):
     micro = str(REPO / "configs" / "micro.yaml")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
-    assert main(["slurm", "submit", "--config", micro, f"run.dir={tmp_path / 'run'}"]) == 2
+    assert main(["slurm", "submit", "--config", micro, f"run.dir={tmp_path / 'run'}", "--cpu"]) == 2
     err = capsys.readouterr().err
     assert "Slurm is not installed" in err and "sbatch" in err and "Traceback" not in err
     assert main(["slurm", "submit", "--config", micro, "slurm.max_requeues=-1", "--dry-run"]) == 2
     assert "slurm.max_requeues" in capsys.readouterr().err
     assert main(["slurm", "status", str(tmp_path / "nothing")]) == 2
     assert "no Slurm jobs recorded" in capsys.readouterr().err
+
+
+def dry_run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["slurm", "submit", "--config", str(REPO / "configs" / "micro.yaml"), "run.dir=/scratch/r", "--dry-run", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_gpus_per_node_is_required_unless_cpu(capsys):
+    rc, out, err = dry_run(capsys, "--nodes", "2")
+    assert rc == 2 and not out and "--gpus-per-node is required" in err and "--cpu" in err and "Traceback" not in err
+    rc, _, err = dry_run(capsys, "--cpu", "--gpus-per-node", "4")
+    assert rc == 2 and "--cpu and --gpus-per-node 4" in err
+    rc, out, _ = dry_run(capsys, "--cpu", "slurm.cpu_processes_per_node=3")
+    assert rc == 0 and "--gpus-per-node" not in out and "--nproc-per-node=3" in out
+
+
+@pytest.mark.parametrize("argv, cpus", [
+    (["--gpus-per-node", "4"], 16),  # 4 ranks x (2 loader workers + the rank + 1 spare)
+    (["--gpus-per-node", "8", "latents.loader.num_workers=6"], 64),
+    (["--cpu", "slurm.cpu_processes_per_node=2", "latents.loader.num_workers=0"], 4),
+    (["--gpus-per-node", "4", "slurm.cpus_per_task=40"], 40),  # the key overrides the formula
+    (["--gpus-per-node", "4", "slurm.cpus_per_task=40", "--cpus-per-task", "12"], 12),  # and the flag the key
+])
+def test_cpus_per_task_defaults_from_ranks_and_loader_workers(capsys, argv, cpus):
+    rc, out, err = dry_run(capsys, *argv)
+    assert rc == 0, err
+    assert [x for x in out.splitlines() if x.startswith("#SBATCH --cpus-per-task")] == [f"#SBATCH --cpus-per-task={cpus}"]
+
+
+def test_cpus_per_task_flag_is_checked(capsys):
+    rc, _, err = dry_run(capsys, "--gpus-per-node", "1", "--cpus-per-task", "0")
+    assert rc == 2 and "--cpus-per-task must be >= 1" in err
 
 
 @pytest.mark.parametrize("argv", [["slurm", "submit", "--help"], ["slurm", "status", "--help"]])
