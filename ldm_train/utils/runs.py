@@ -153,7 +153,13 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
                 "pass --overwrite to replace it, or set run.dir to a new folder"
             )
     if write:
-        dump_config(cfg, path)
+        trained = stage_record(run, "train")
+        if stage not in (None, "train") and trained.is_file():
+            # sample/eval read {run}/config.yaml: keep the model and objective its checkpoints have
+            old = _read_record(trained)
+            dump_config(Config.model_validate({**cfg.model_dump(), "model": old["model"], "diffusion": old["diffusion"]}), path)
+        else:
+            dump_config(cfg, path)
         if stage is not None:
             dump_config(cfg, stage_record(run, stage))
     return path

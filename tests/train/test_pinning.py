@@ -116,3 +116,15 @@ def test_two_ranks_encode_then_train_with_other_settings(micro_run, tmp_path):
     assert recorded(run / "stages" / "train.yaml")["train"]["lr"] == 3e-4
     proc = torchrun("train", "train.lr=3e-4", "train.steps=4", "model.channels_per_head=16")
     assert proc.returncode != 0 and "model.channels_per_head" in proc.stderr
+
+
+def test_config_yaml_keeps_the_trained_model_when_an_earlier_stage_reruns(tmp_path):
+    """``sample``/``eval`` build the U-Net from ``{run}/config.yaml``: an encode rerun after
+    training (another model key in its config) leaves the checkpoints' model and objective there."""
+    from ldm_train.config import load_config as load
+
+    record_config(load(MICRO, [f"run.dir={tmp_path}", "model.layers_per_block=2"]), False, stage="train")
+    record_config(load(MICRO, [f"run.dir={tmp_path}", "text.width=64"]), True, stage="encode")
+    written = load(tmp_path / "config.yaml")
+    assert written.model.layers_per_block == 2 and written.text.width == 64
+    assert load(tmp_path / "stages" / "encode.yaml").model.layers_per_block != 2
