@@ -12,7 +12,23 @@ from .errors import Preempted, UserError
 
 # ``--sampler`` choices: the registry's names (ldm_train.diffusion.samplers.SAMPLERS, a test checks they
 # agree), spelled out here because importing the registry imports torch and --help must stay fast
-SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "pf_ode", "pc", "annealed_langevin")
+
+
+class RegistryChoices:
+    """``--sampler``'s choices: the names of ``ldm_train.diffusion.SAMPLERS``, looked up only when
+    a value is checked or listed (the registry imports torch; ``--help`` and other commands must
+    not), so the registry stays the one list a new sampler is added to."""
+
+    def _names(self) -> list[str]:
+        from .diffusion.samplers import SAMPLERS
+
+        return list(SAMPLERS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 EXAMPLES = """examples:
   ldm-train demo                                  # every stage on the emoji set (~15 min on 2 CPU cores)
@@ -63,7 +79,8 @@ def _positive_int(text: str) -> int:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """``sample`` and ``eval``: shorthands for ``eval.*`` keys (see :func:`eval_overrides`)."""
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="override eval.sampler")
+    p.add_argument("--sampler", default=None, choices=RegistryChoices(), metavar="NAME",
+                   help="override eval.sampler: a sampler of ldm_train.diffusion.SAMPLERS (README \"Samplers\")")
     p.add_argument("--steps", type=int, default=None, help="override eval.steps")
     p.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
     p.add_argument("--seed", type=int, default=None, help="override eval.seed")

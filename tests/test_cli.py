@@ -225,11 +225,14 @@ def test_python_dash_m_runs_the_command(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("ldm-train "), proc.stderr
 
 
-def test_sampler_choices_are_the_registry():
-    from ldm_train.cli import SAMPLER_NAMES
+def test_sampler_choices_are_the_registry(capsys):
+    from ldm_train.cli import RegistryChoices
     from ldm_train.diffusion.samplers import SAMPLERS
 
-    assert list(SAMPLER_NAMES) == list(SAMPLERS)
+    assert list(RegistryChoices()) == list(SAMPLERS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--checkpoint", "x", "--sampler", "eular"])
+    assert "invalid choice: 'eular'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["sample", "--checkpoint", "x", "--prompt", "p", "--out", "o.png", "--bogus"],
