@@ -39,7 +39,7 @@ def worker(args) -> None:
     """One rank (under torchrun): train, then write this rank's report."""
     import torch
 
-    from ldm_train.config import DistributedConfig, TrainConfig, DiffusionConfig
+    from ldm_train.config import DistributedConfig, LRScheduleConfig, TrainConfig, DiffusionConfig
     from ldm_train.latents.cache import LatentData
     from ldm_train.train.batches import MemoryBatches
     from ldm_train.train.loop import train_denoiser
@@ -60,7 +60,7 @@ def worker(args) -> None:
     )
     dist_cfg = DistributedConfig(strategy=args.strategy, mixed_precision=args.dtype, cpu=args.device == "cpu")
     total = args.warmup + args.steps
-    train_cfg = TrainConfig(steps=total, batch_size=batch, warmup_steps=1, log_every=1, checkpoint_every=10**9,
+    train_cfg = TrainConfig(steps=total, batch_size=batch, lr_schedule=LRScheduleConfig(warmup_steps=1), log_every=1, checkpoint_every=10**9,
                             tensorboard=False, watchdog_seconds=0)
     acc = make_accelerator(dist_cfg, train_cfg)
     run = Path(args.run)

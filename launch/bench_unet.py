@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(MISSING_DIFFUSERS.format(err=e))
     import torch
 
-    from ldm_train.config import TrainConfig
+    from ldm_train.config import OptimizerConfig, TrainConfig
     from ldm_train.model import build_unet, diffusers_config_from_model
 
     if args.threads:
@@ -235,7 +235,8 @@ def run(args: argparse.Namespace) -> dict:
     chosen = preset(args.config, PRESETS)
     batch, res = args.batch or chosen["batch"], args.res or chosen["res"]
     ctx_len = args.context_len or chosen["context_len"]
-    train_cfg = TrainConfig(compile=args.compile, channels_last=args.channels_last, fused_optimizer=not args.no_fused)
+    train_cfg = TrainConfig(compile=args.compile, channels_last=args.channels_last,
+                            optimizer=OptimizerConfig(fused=not args.no_fused))
     cfg = chosen["model"]
     if args.grad_ckpt:
         cfg = cfg.model_copy(update={"gradient_checkpointing": True})
@@ -280,12 +281,12 @@ def run(args: argparse.Namespace) -> dict:
     x = x.to(device).contiguous(memory_format=fmt)
     inputs = (x, t.to(device), ctx.to(device), target.to(device).contiguous(memory_format=fmt))
 
-    kernel = "fused" if train_cfg.fused_optimizer else "foreach"  # as ldm_train.train.loop: no fallback
+    kernel = "fused" if train_cfg.optimizer.fused else "foreach"  # as ldm_train.train.loop: no fallback
     opt_name = f"AdamW({kernel}=True)"
 
     def make_opt(model):
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(train_cfg.betas),
-                                 weight_decay=train_cfg.weight_decay, **{kernel: True})
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(train_cfg.optimizer.betas),
+                                 weight_decay=train_cfg.optimizer.weight_decay, **{kernel: True})
 
     opt_ours, opt_theirs = make_opt(ours), make_opt(theirs)
 

@@ -286,6 +286,31 @@ class DiffusionConfig(Section):
     score_matching: ScoreMatchingConfig = ScoreMatchingConfig()
 
 
+class OptimizerConfig(Section):
+    """``train.optimizer``: which optimizer, and its keys (ldm_train.train.optim; the keys each one
+    reads are ``optim.READS``, another key at a non-default value is refused)."""
+
+    name: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = Field(
+        "adamw", description="adamw, adamw8bit (bitsandbytes), adafactor, prodigy (prodigyopt; set train.lr=1.0), lion")
+    betas: list[float] = Field(
+        [0.9, 0.999], description="adamw, adamw8bit, prodigy, lion: the moment decays (Lion's paper: [0.9, 0.99])")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (every optimizer)")
+    eps: float = Field(1e-8, gt=0, description="adamw, adamw8bit, prodigy: the denominator's epsilon")
+    fused: bool = Field(True, description="adamw: torch's fused kernel (not under DeepSpeed)")
+    d_coef: float = Field(1.0, gt=0, description="prodigy: scales its estimated step size d")
+
+
+class LRScheduleConfig(Section):
+    """``train.lr_schedule``: a linear warm-up over ``warmup_steps``, then ``name`` from ``train.lr``
+    down to ``min_lr_ratio * train.lr`` at ``train.steps`` (ldm_train.utils.lr)."""
+
+    name: Literal["constant", "linear", "cosine", "cosine_restarts"] = Field(
+        "cosine", description="after the warm-up: constant, linear, cosine or cosine_restarts")
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="linear, cosine, cosine_restarts: the final LR / train.lr")
+    num_cycles: int = Field(1, gt=0, description="cosine_restarts: cosines, each restarting at train.lr")
+
+
 class TrainConfig(Section):
     """Optimisation of the denoiser."""
 
@@ -293,9 +318,8 @@ class TrainConfig(Section):
     batch_size: int = Field(
         32, gt=0, description="samples per optimizer step on each rank (before gradient accumulation)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after the warm-up; then train.lr_schedule)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    betas: list[float] = Field([0.9, 0.999], description="AdamW betas")
-    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
     # One EMA per decay (the first is the one sampling and export use; the others are kept in
     # checkpoints as ``ema@DECAY``). Updated every ``ema_every`` optimizer steps; the decay applies
@@ -319,10 +343,9 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="per device, for MFU; null = known GPUs only")
     eval_every: int = Field(
         0, ge=0, description="sample grids on the EMA weights every N steps and at the end; 0 = off")
-    # Speed: torch.compile of the model, channels_last memory format, fused AdamW kernel.
+    # Speed: torch.compile of the model, channels_last memory format (the fused AdamW kernel: train.optimizer.fused).
     compile: bool = Field(False, description="torch.compile the model")
     channels_last: bool = Field(False, description="channels_last memory format")
-    fused_optimizer: bool = Field(True, description="fused AdamW kernel (where available)")
 
 
 class DistributedConfig(Section):
@@ -492,6 +515,10 @@ MOVED: dict[str, tuple[str, ...]] = {
         "inception_weights", "fid_feature", "fid_resize", "fid_reference_dir", "kid_subset_size", "kid_subsets",
         "clip_model", "clip_weights")},
     "model.attention_head_dim": ("model.channels_per_head",),  # diffusers' name for the head count
+    "train.betas": ("train.optimizer.betas",),
+    "train.weight_decay": ("train.optimizer.weight_decay",),
+    "train.fused_optimizer": ("train.optimizer.fused",),
+    "train.warmup_steps": ("train.lr_schedule.warmup_steps",),
 }
 # Old sampler settings at these values were the defaults every config.yaml spelled out; they stay
 # defaults (not copied into eval.samplers) so an old run compares equal to a new one.

@@ -162,10 +162,11 @@ def test_override_into_a_value_is_refused(tmp_path):
 
 
 def test_int_accepted_for_float(tmp_path):
-    path = write(tmp_path, "train:\n  lr: 1\n  betas: [0, 1]\ndiffusion:\n  beta_end: 1\n")
+    path = write(tmp_path, "train:\n  lr: 1\n  optimizer:\n    betas: [0, 1]\ndiffusion:\n  beta_end: 1\n")
     cfg = load_config(path)
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
-    assert cfg.train.betas == [0.0, 1.0] and all(isinstance(b, float) for b in cfg.train.betas)
+    betas = cfg.train.optimizer.betas
+    assert betas == [0.0, 1.0] and all(isinstance(b, float) for b in betas)
     assert isinstance(cfg.diffusion.beta_end, float)
     assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
 

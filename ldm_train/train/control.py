@@ -78,7 +78,7 @@ class NonFiniteGuard:
         if self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f"{self.in_a_row} non-finite steps in a row (up to step {step}); stopping. The last good checkpoint "
-                "is intact: lower train.lr, raise train.warmup_steps or check the data, then re-run to resume "
+                "is intact: lower train.lr, raise train.lr_schedule.warmup_steps or check the data, then re-run to resume "
                 "(train.max_nonfinite_steps sets the limit)"
             )
 

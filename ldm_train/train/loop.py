@@ -22,12 +22,12 @@ from tqdm import tqdm
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_objective, build_schedule
 from ..model import build_unet, load_unet_weights
-from ..utils.lr import warmup_cosine
 from ..utils.runs import MetricsLog
 from .batches import MemoryBatches, StreamBatches
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
+from .optim import build_lr_scheduler, build_optimizer, check_optimizer
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
 from .telemetry import Telemetry, Writers, forward_flops, memory_gib, peak_flops
@@ -47,22 +47,20 @@ class TrainResult:
 
 
 def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> TrainParts:
-    """Model, AdamW, LR schedule and EMA, prepared for the strategy. Only the U-Net goes through
-    ``prepare``: the frozen autoencoder and text tower are not part of training at all."""
+    """Model, optimizer and LR schedule (train.optimizer, train.lr_schedule; see optim.py) and EMA,
+    prepared for the strategy. Only the U-Net goes through ``prepare``: the frozen autoencoder and
+    text tower are not part of training at all."""
+    check_optimizer(train_cfg, dist_cfg, accelerator.device, accelerator.num_processes)
     torch.manual_seed(seed)
     model = build_unet(model_cfg)
     if model_cfg.init_from is not None:
         load_unet_weights(model, model_cfg.init_from)  # e.g. a pretrained SD U-Net folder
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay,
-        fused=(train_cfg.fused_optimizer and not is_deepspeed(accelerator)) or None,
-    )
+    opt = build_optimizer(model.parameters(), train_cfg, deepspeed=is_deepspeed(accelerator), world=accelerator.num_processes)
     # The scheduler is stepped here once per applied optimizer step, not through Accelerate
     # (whose wrapper steps it once per process, and which DeepSpeed would not step at all).
-    warmup = train_cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, train_cfg.steps, decay_start=warmup))
+    sched = build_lr_scheduler(opt, train_cfg)
     model, opt = accelerator.prepare(model, opt)
     zero3 = zero_stage(dist_cfg) == 3
     module = accelerator.unwrap_model(model)

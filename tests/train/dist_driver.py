@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import MICRO  # noqa: E402
 
-from ldm_train.config import load_config  # noqa: E402
+from ldm_train.config import LRScheduleConfig, load_config  # noqa: E402
 from ldm_train.diffusion import build_objective  # noqa: E402
 from ldm_train.latents.cache import LatentData, load_latents  # noqa: E402
 from ldm_train.train.batches import MemoryBatches  # noqa: E402
@@ -48,7 +48,8 @@ def main() -> None:
     data = load_latents(cfg.path(cfg.latents.dir) / "train")
     n = 8
     data = LatentData(data.mean[:n], data.std[:n], data.context[:n], data.captions[:n], data.keys[:n], data.null_context, data.manifest)
-    train_cfg = cfg.train.model_copy(update={"steps": steps, "log_every": 1, "checkpoint_every": 1000, "warmup_steps": 5})
+    train_cfg = cfg.train.model_copy(update={"steps": steps, "log_every": 1, "checkpoint_every": 1000,
+                                        "lr_schedule": LRScheduleConfig(warmup_steps=5)})
     acc = make_accelerator(cfg.distributed, train_cfg)
     objective = None
     if nan_at is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm_train.config import LRScheduleConfig
 from ldm_train.model import UNetArchitectureMismatch, build_unet, write_diffusers_unet
 from ldm_train.train.batches import MemoryBatches
 from ldm_train.train.loop import make_accelerator, train_denoiser
@@ -26,7 +27,8 @@ def test_training_starts_from_init_from_weights(micro_run, micro_latents, tmp_pa
     write_diffusers_unet(tmp_path / "pre", cfg.model, pretrained)
     model_cfg = cfg.model.model_copy(update={"init_from": str(tmp_path / "pre")})
     # one step at a negligible learning rate: the weights must still be the pretrained ones
-    train_cfg = cfg.train.model_copy(update={"steps": 1, "lr": 1e-12, "warmup_steps": 0, "checkpoint_every": 100})
+    train_cfg = cfg.train.model_copy(update={"steps": 1, "lr": 1e-12, "checkpoint_every": 100,
+                                        "lr_schedule": LRScheduleConfig(warmup_steps=0)})
     model, _, _ = train(micro_run, micro_latents, tmp_path, model_cfg, train_cfg)
     fresh = build_unet(cfg.model).state_dict()  # what seed 0 would have given without init_from
     got = model.state_dict()

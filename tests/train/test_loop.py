@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ldm_train.config import LRScheduleConfig
 from ldm_train.latents.cache import LatentData
 from ldm_train.train.checkpoint import (
     latest_checkpoint,
@@ -45,7 +46,7 @@ def fixed_batch_run(micro_run, micro_latents, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("loop") / "run"
     data = fixed_subset(micro_latents)
     model, ema, result, log = train(
-        micro_run, data, run_dir, steps=40, batch_size=8, lr=1e-3, warmup_steps=5, log_every=1, checkpoint_every=10
+        micro_run, data, run_dir, steps=40, batch_size=8, lr=1e-3, lr_schedule=LRScheduleConfig(warmup_steps=5), log_every=1, checkpoint_every=10
     )
     return run_dir, model, ema, result, log
 
@@ -140,8 +141,9 @@ def test_final_step_always_checkpointed(micro_run, micro_latents, tmp_path):
 
 
 def test_lr_lambda_warmup_then_cosine(micro_run):
-    tc = micro_run.cfg.train.model_copy(update={"steps": 10, "warmup_steps": 4})
-    f = warmup_cosine(tc.warmup_steps, tc.steps, decay_start=tc.warmup_steps)  # the denoiser's
+    tc = micro_run.cfg.train.model_copy(update={"steps": 10, "lr_schedule": LRScheduleConfig(warmup_steps=4)})
+    warmup = tc.lr_schedule.warmup_steps
+    f = warmup_cosine(warmup, tc.steps, decay_start=warmup)  # the denoiser's
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f(4) == pytest.approx(1.0)
     assert f(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
