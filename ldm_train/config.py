@@ -105,8 +105,19 @@ class AutoencoderConfig(Section):
     train: VAETrainConfig = VAETrainConfig()
 
 
+class TransformersTextConfig(Section):
+    """``text.encoder: transformers``: a Hugging Face ``CLIPTextModel`` and its ``CLIPTokenizer``, as
+    Stable Diffusion 1.x (and 2.x in diffusers' layout) ship them. Read from ``path`` by every stage;
+    nothing is copied into the run folder."""
+
+    path: str | None = Field(
+        None, description="a CLIPTextModel folder (config.json + weights), or a folder holding text_encoder/ and tokenizer/ (an SD pipeline)")
+    tokenizer: str | None = Field(
+        None, description="its CLIPTokenizer folder; null = tokenizer/ beside text_encoder/ (or inside path)")
+
+
 class TextConfig(Section):
-    """open_clip text tower, frozen. ``dir`` holds ``open_clip_config.json`` and
+    """Frozen text tower. ``encoder: open_clip`` (the default): ``dir`` holds ``open_clip_config.json`` and
     ``open_clip_model.safetensors``. When it is empty the tower is built from ``model_name`` (an
     open_clip architecture such as ``ViT-H-14``) or, when that is null, from the tiny
     ``width/layers/heads`` config; weights come from ``pretrained`` (a local open_clip checkpoint
@@ -122,6 +133,12 @@ class TextConfig(Section):
     context_length: int = Field(32, gt=0, description="tokens per caption (tiny tower)")
     pretrained: str | None = Field(None, description="a local open_clip checkpoint file; null = random init from seed")
     seed: int = Field(1234, description="seed of the random init when pretrained is null")
+    encoder: Literal["open_clip", "transformers"] = Field(
+        "open_clip", description="open_clip: the tower in dir (above keys); transformers: a CLIPTextModel (text.transformers)")
+    layer: Literal["last", "penultimate"] | Annotated[int, Field(ge=1)] = Field(
+        "last", description="hidden states the U-Net attends to, then the final LayerNorm: last, penultimate (SD 2.x), "
+                            "or kohya's clip skip N (1 = last, 2 = penultimate)")
+    transformers: TransformersTextConfig = TransformersTextConfig()
 
 
 class LoaderConfig(Section):
@@ -279,6 +296,9 @@ class DiffusionConfig(Section):
     beta_end: float = Field(0.012, gt=0, description="ddpm: the last beta (linear/scaled_linear)")
     rescale_betas_zero_snr: bool = Field(
         False, description="zero terminal SNR (Lin et al. 2024; needs v or x0 prediction)")
+    change_pretrained_schedule: bool = Field(
+        False, description="with `pretrained`: train with this section's prediction_type/schedule although the "
+                           "pretrained model was trained with another (e.g. fine-tuning epsilon -> v_prediction)")
     loss: LossConfig = LossConfig()
     iddpm: IDDPMConfig = IDDPMConfig()
     sde: SDEConfig = SDEConfig()
@@ -463,6 +483,10 @@ class SlurmConfig(Section):
 
 
 class Config(Section):
+    pretrained: str | None = Field(
+        None, description="start from Stable Diffusion: a diffusers pipeline folder or a single-file checkpoint "
+                          "(.safetensors/.ckpt, SD 1.x/2.x layout); sets the U-Net, VAE, text tower and schedule "
+                          "(keys set explicitly win; a contradicting prediction type or schedule is refused)")
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
@@ -639,7 +663,8 @@ def moved_keys(tree: dict) -> dict[str, str]:
 def is_resolved(tree: dict) -> bool:
     """Whether ``tree`` is a resolved config as :func:`dump_config` writes it (every section spelled
     out), rather than a hand-written file: those written by an older version are migrated."""
-    return set(tree) == set(Config.model_fields) and all(isinstance(v, dict) for v in tree.values())
+    sections = [k for k, f in Config.model_fields.items() if _is_section(f.annotation)]
+    return set(tree) == set(Config.model_fields) and all(isinstance(tree[k], dict) for k in sections)
 
 
 def migrate(tree: dict) -> dict:

@@ -337,7 +337,7 @@ def test_a_full_old_default_config_migrates_to_todays_defaults(tmp_path):
     ("train.stepz=5", "train.stepz: unknown key; did you mean train.steps?"),
     ("train.mixed_precision=bf16", "did you mean distributed.mixed_precision?"),  # in another section
     ("eval.clip_modle=x", "did you mean eval.metrics.clip_model?"),  # misspelt and misplaced
-    ("trainn.lr=1", "trainn: unknown key; did you mean train?"),
+    ("trainn.lr=1", "trainn: unknown key; did you mean train"),
 ])
 def test_unknown_key_says_what_was_meant(override, hint):
     with pytest.raises(ConfigError) as info:

@@ -16,41 +16,27 @@ ftfy deletes (``\x0b``, ``\x1c``), Greek final sigma, and the literal strings
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer, _clean_lower, bytes_to_unicode, default_bpe
+from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTokenizer
+from transformers import CLIPTextConfig
 
 from ..errors import UserError
 from ..text.encoder import TextEncoder, load_text_encoder
+from ..text.tokenizer import VOCAB_SIZE, open_clip_bpe, write_clip_tokenizer
 from ..utils.runs import check_output
 
-VOCAB_SIZE = 49408
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # HF names of open_clip's <start_of_text>/<end_of_text>
-PAD = "!"  # id 0: open_clip pads with zeros after the end token
 COPIED = ("unet", "vae", "scheduler")
 
 
 class SDPipelineError(UserError):
     """The export cannot become a StableDiffusionPipeline; the message says why."""
-
-
-@lru_cache(maxsize=1)
-def open_clip_bpe() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(vocab in id order, merges) exactly as open_clip's ``SimpleTokenizer`` builds them."""
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = tuple(lines[1 : 49152 - 256 - 2 + 1])
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    return tuple(vocab + ["<start_of_text>", "<end_of_text>"]), merges
 
 
 # ---- refusal: only a plain CLIP text transformer with open_clip's BPE tokenizer converts ----
@@ -175,29 +161,6 @@ def write_clip_text_model(text: TextEncoder, folder: Path) -> None:
     config.dtype = str(state["text_model.final_layer_norm.weight"].dtype).removeprefix("torch.")
     config.save_pretrained(folder)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def write_clip_tokenizer(folder: Path, context_length: int) -> CLIPTokenizer:
-    """HF ``CLIPTokenizer`` files whose ``padding="max_length", truncation=True`` ids equal
-    open_clip's. ``split_special_tokens`` keeps the pad string "!" (and ``<|endoftext|>`` typed in
-    a caption) ordinary text, as open_clip treats them."""
-    vocab, merges = open_clip_bpe()
-    ids = {t: i for i, t in enumerate(list(vocab[:-2]) + [SOT, EOT])}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(
-        vocab=ids, merges=[tuple(m.split()) for m in merges],
-        bos_token=SOT, eos_token=EOT, unk_token=EOT, pad_token=PAD,
-        model_max_length=context_length, split_special_tokens=True,
-    )
-    tokenizer.save_pretrained(folder)
-    specials = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(specials, model_max_length=context_length, split_special_tokens=True, tokenizer_class="CLIPTokenizer")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return tokenizer
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -53,11 +53,11 @@ RESUMABLE = (
 # change freely; slurm.*, eval.*, export.* pin nothing. Dotted prefixes of ``section.key``.
 STAGE_PINS = {
     "train-vae": ("data", "autoencoder", "run.seed"),
-    "encode": ("data", "autoencoder", "text", "latents"),  # + run.seed with latents.store: sample
-    "train": ("model", "diffusion", "train", "distributed", "latents.loader", "run.seed"),
+    "encode": ("pretrained", "data", "autoencoder", "text", "latents"),  # + run.seed with latents.store: sample
+    "train": ("pretrained", "model", "diffusion", "train", "distributed", "latents.loader", "run.seed"),
 }
 # What the latent cache ``train`` reads was made with (the encode record's keys, checked always).
-CACHE_PINS = ("data", "autoencoder", "text", "latents")
+CACHE_PINS = ("pretrained", "data", "autoencoder", "text", "latents")
 NOT_PINNED = {"encode": ("latents.loader",), "cache": ("latents.loader",)}  # the training loader
 
 
@@ -81,7 +81,8 @@ def _pinned(key: str, pins: tuple[str, ...], skip: tuple[str, ...]) -> bool:
 
 def _diff(old: dict, new: dict, pins: tuple[str, ...] | None, skip: tuple[str, ...] = ()) -> list[str]:
     """``section.key`` names whose values differ, among ``pins`` (None: every key but slurm.*)."""
-    diff = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    diff = [s for s in new if not isinstance(new[s], dict) and old.get(s) != new[s]]  # top-level keys (pretrained)
+    diff += [f"{s}.{k}" for s in new if isinstance(new[s], dict) for k in new[s] if (old.get(s) or {}).get(k) != new[s][k]]
     if pins is None:  # slurm.* says how a run is submitted, not what it computes: it may change between jobs
         return [d for d in diff if d not in skip and not d.startswith("slurm.")]
     return [d for d in diff if _pinned(d, pins, skip)]
