@@ -97,7 +97,7 @@ def fingerprint(enc: Encoders, input_shards: list[str], vae_path: str | None) ->
         "autoencoder.dtype": str(enc.vae.dtype),
         "resolution": enc.resolution,
         "text_encoder": enc.text.name,
-        "text_encoder.weights_hash": tensor_hash(enc.text.clip),
+        "text_encoder.weights_hash": tensor_hash(enc.text.weights_module),
         "latents.dtype": enc.cfg.dtype,
         "latents.store": enc.cfg.store,
         "latents.text": enc.cfg.text,

@@ -1,4 +1,12 @@
-"""Text conditioning: a frozen open_clip text tower (same layer as the autoencoder)."""
-from .encoder import TextEncoder, TextEncoderError, load_text_encoder, prepare_text_encoder
+"""Text conditioning: a frozen CLIP text tower, open_clip's or transformers' (same layer as the
+autoencoder). Stages use :mod:`ldm_train.text.towers`; ``text.layer`` is in :mod:`.common`."""
+from .common import TextEncoderError, clip_skip, kept_layers
+from .encoder import TextEncoder, load_text_encoder, prepare_text_encoder
+from .hf import HFTextEncoder
+from .towers import AnyTextEncoder, load_text, load_text_components, prepare_text, save_text_components
 
-__all__ = ["TextEncoder", "TextEncoderError", "load_text_encoder", "prepare_text_encoder"]
+__all__ = [
+    "AnyTextEncoder", "HFTextEncoder", "TextEncoder", "TextEncoderError", "clip_skip", "kept_layers",
+    "load_text", "load_text_components", "load_text_encoder", "prepare_text", "prepare_text_encoder",
+    "save_text_components",
+]

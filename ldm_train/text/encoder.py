@@ -1,11 +1,16 @@
 """Frozen open_clip text tower that turns captions into per-token embeddings for cross-attention.
 
-Stable Diffusion conditions its U-Net on the last hidden states of a CLIP text transformer
-(one vector per token, ``[B, context_length, width]``), not on the pooled CLIP embedding, so we
-run open_clip's text transformer up to ``ln_final`` and stop there.
+Stable Diffusion conditions its U-Net on the hidden states of a CLIP text transformer (one
+vector per token, ``[B, context_length, width]``), not on the pooled CLIP embedding, so we run
+open_clip's text transformer up to ``ln_final`` and stop there. ``text.layer`` (see
+:mod:`ldm_train.text.common`) is applied when the tower is built: the saved folder holds only the
+layers kept (SD 2.x's penultimate: 23 of ViT-H's 24, as Stability's ``FrozenOpenCLIPEmbedder``
+runs them) and records the choice in ``open_clip_config.json``, so every stage reloads the same
+tower and a later change of ``text.layer`` is refused rather than silently mixed.
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -14,15 +19,11 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from ..errors import UserError
 from ..config import TextConfig
+from .common import TextEncoderError, clip_skip, kept_layers
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-
-
-class TextEncoderError(UserError):
-    """A text-tower folder or checkpoint that cannot be used; the message names the file."""
 
 
 def tiny_clip_config(cfg: TextConfig) -> dict:
@@ -41,13 +42,27 @@ def tiny_clip_config(cfg: TextConfig) -> dict:
 
 
 class TextEncoder(torch.nn.Module):
-    """Tokenizer + open_clip CLIP text transformer; ``forward(captions) -> [B, L, width]``."""
+    """Tokenizer + open_clip CLIP text transformer; ``forward(captions) -> [B, L, width]``.
 
-    def __init__(self, clip: torch.nn.Module, tokenizer, name: str):
+    ``model_cfg``: the open_clip config to save with it (None: ``name`` is open_clip's own);
+    ``layer``/``source_layers``: the ``text.layer`` it was cut at and the depth before the cut."""
+
+    kind = "open_clip"
+
+    def __init__(self, clip: torch.nn.Module, tokenizer, name: str, model_cfg: dict | None = None,
+                 layer: str | int = "last", source_layers: int | None = None):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        self.model_cfg = model_cfg
+        self.layer = layer
+        self.source_layers = source_layers or len(clip.transformer.resblocks)
+
+    @property
+    def weights_module(self) -> torch.nn.Module:
+        """The module whose weights define the conditioning (hashed by the latent cache)."""
+        return self.clip
 
     @property
     def width(self) -> int:
@@ -95,20 +110,51 @@ def load_text_encoder(folder: str | Path) -> TextEncoder:
     if meta.get("model_cfg") is not None:
         _register(name, meta["model_cfg"])
     clip = open_clip.create_model(name, pretrained=str(weights))
-    return TextEncoder(clip, open_clip.get_tokenizer(name), name)
+    # the weights are already cut at the layer: record it, never cut again
+    return TextEncoder(clip, open_clip.get_tokenizer(name), name, meta.get("model_cfg"),
+                       meta.get("layer", "last"), meta.get("source_layers"))
 
 
-def save_text_encoder(encoder: TextEncoder, folder: Path, model_cfg: dict | None) -> None:
+def save_text_encoder(encoder: TextEncoder, folder: Path, model_cfg: dict | None = None) -> None:
+    """``model_cfg``: None = the one the encoder carries (a tower cut at its layer always has one)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in encoder.clip.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps({"name": encoder.name, "model_cfg": model_cfg}, indent=2))
+    meta = {"name": encoder.name, "model_cfg": model_cfg if model_cfg is not None else encoder.model_cfg,
+            "layer": encoder.layer, "source_layers": encoder.source_layers}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def check_layer(encoder: TextEncoder, cfg: TextConfig, folder: Path) -> TextEncoder:
+    """Refuse a saved tower cut at another layer than ``text.layer`` says (the latents depend on it)."""
+    if clip_skip(encoder.layer) != clip_skip(cfg.layer):
+        raise TextEncoderError(
+            f"text.layer is {cfg.layer!r} but the tower in {folder} was saved with layer {encoder.layer!r}; "
+            "set text.layer back, or encode again into a new text.dir (the latent cache depends on it)")
+    return encoder
+
+
+def _cut(clip: torch.nn.Module, name: str, model_cfg: dict | None, layer: str | int):
+    """Keep the first layers up to ``layer`` (see :mod:`ldm_train.text.common`): returns the
+    (name, model_cfg) that rebuild the cut tower. A new name, so open_clip's own entry stays intact."""
+    blocks = clip.transformer.resblocks
+    depth = kept_layers(layer, len(blocks))
+    if depth == len(blocks):
+        return name, model_cfg
+    clip.transformer.resblocks = blocks[:depth]
+    clip.transformer.layers = depth
+    model_cfg = copy.deepcopy(model_cfg if model_cfg is not None else open_clip.get_model_config(name))
+    model_cfg["text_cfg"]["layers"] = depth
+    name = f"{name}-text{depth}of{len(blocks)}"
+    _register(name, model_cfg)
+    return name, model_cfg
 
 
 def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
-    """Load the tower saved in ``folder``, or build it once from ``cfg`` and save it there."""
+    """Load the tower saved in ``folder``, or build it once from ``cfg`` (cut at ``cfg.layer``)
+    and save it there."""
     if (folder / CONFIG_FILE).is_file():
-        return load_text_encoder(folder)
+        return check_layer(load_text_encoder(folder), cfg, folder)
     if cfg.model_name is not None:
         name, model_cfg = cfg.model_name, None
         if open_clip.get_model_config(name) is None:
@@ -116,6 +162,8 @@ def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
     else:
         name, model_cfg = f"ldm-tiny-text-w{cfg.width}-l{cfg.layers}-h{cfg.heads}", tiny_clip_config(cfg)
         _register(name, model_cfg)
+    # a layer deeper than the tower is refused before anything is built or read
+    kept_layers(cfg.layer, (model_cfg or open_clip.get_model_config(name))["text_cfg"].get("layers", 12))
     if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
         raise TextEncoderError(
             f"text.pretrained: {cfg.pretrained} not found. This machine cannot download weights; "
@@ -124,6 +172,8 @@ def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         clip = open_clip.create_model(name, pretrained=cfg.pretrained)
-    encoder = TextEncoder(clip, open_clip.get_tokenizer(name), name)
-    save_text_encoder(encoder, folder, model_cfg)
+    tokenizer, total = open_clip.get_tokenizer(name), len(clip.transformer.resblocks)
+    name, model_cfg = _cut(clip, name, model_cfg, cfg.layer)
+    encoder = TextEncoder(clip, tokenizer, name, model_cfg, cfg.layer, total)
+    save_text_encoder(encoder, folder)
     return encoder
