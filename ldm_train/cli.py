@@ -84,6 +84,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override eval.steps")
     p.add_argument("--guidance", type=float, default=None, help="override eval.guidance_scale")
     p.add_argument("--seed", type=int, default=None, help="override eval.seed")
+    _step_arg(p)
+
+
+def _step_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step", type=_positive_int, default=None, metavar="N",
+                   help="the checkpoint of step N of a run folder (default: the latest; RUN/checkpoints/step-N names one too)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("train", help="train the U-Net denoiser on the latent cache -> {run}/checkpoints"))
 
     sample = sub.add_parser("sample", help="samples for prompts from a run or export (eval.sampler, default DDIM) -> PNG grid")
-    sample.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
+    sample.add_argument("--checkpoint", type=Path, required=True, help="run folder, step-N folder, export or diffusers SD pipeline folder")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     sample.add_argument("--out", type=Path, required=True, help="PNG grid to write")
     _sampling_args(sample)
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sample)
 
     ev = sub.add_parser("eval", help="samples for validation captions + held-out loss -> report, images, grid")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="run folder or export folder")
+    ev.add_argument("--checkpoint", type=Path, required=True, help="run folder, step-N folder, export or diffusers SD pipeline folder")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default: {run}/eval)")
     ev.add_argument("--num-samples", type=int, default=32, help="images to sample, one per validation caption (cycled)")
     _sampling_args(ev)
@@ -134,14 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="EMA U-Net + VAE + text tower + scheduler -> inference folder")
     export.add_argument("--out", type=Path, default=None, help="export folder (default: export.dir)")
+    export.add_argument("--checkpoint", type=Path, default=None, help="run folder or step-N folder (default: run.dir)")
+    _step_arg(export)
+    export.add_argument("--single-file", type=Path, default=None, metavar="FILE",
+                        help="also write FILE.safetensors in the original SD 1.x/2.x single-file layout (A1111, ComfyUI; export.dtype)")
     export.add_argument("--diffusers-pipeline", type=Path, default=None, metavar="DIR",
                         help="also assemble a diffusers StableDiffusionPipeline folder in DIR")
     _common(export)
 
-    conv = sub.add_parser("convert", help="convert a U-Net folder: diffusers <-> ldm_train format")
-    conv.add_argument("input", type=Path, help="a diffusers UNet2DConditionModel folder or an ldm_train U-Net folder")
-    conv.add_argument("output", type=Path, help="folder to write")
-    conv.add_argument("--to", choices=["project", "diffusers"], required=True, help="output format")
+    conv = sub.add_parser("convert", help="convert a U-Net folder (diffusers <-> ldm_train) or a whole SD checkpoint "
+                                          "(single file <-> diffusers pipeline folder)")
+    conv.add_argument("input", type=Path, help="a U-Net folder (diffusers or ldm_train), an SD 1.x/2.x single file, "
+                                               "or a diffusers SD pipeline folder")
+    conv.add_argument("output", type=Path, help="folder (or, with --to single-file, .safetensors file) to write")
+    conv.add_argument("--to", choices=["project", "diffusers", "single-file"], required=True,
+                      help="output format: project/diffusers U-Net folder; diffusers also turns a single file into a "
+                           "pipeline folder; single-file turns a pipeline folder into one SD checkpoint file")
+    conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                      help="single file -> diffusers: what the model predicts (needed for SD 2.x: 768-v or 512-base)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     _common(sub.add_parser("demo", help="run every stage on the emoji set and summarise"))
@@ -152,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_parser(sub, _common)
     return parser
+
+
+# The stages that read what ``pretrained`` fills in (sample/eval read a run's resolved config.yaml).
+PRETRAINED_STAGES = ("encode", "train", "slurm")
 
 
 def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
@@ -165,10 +185,10 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
         "encode": lambda: stages.encode_stage(cfg, args.overwrite),
         "train": lambda: stages.train_stage(cfg, args.overwrite),
         "sample": lambda: stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite,
-                                              args.negative_prompt, args.height, args.width),
+                                              args.negative_prompt, args.height, args.width, args.step),
         "eval": lambda: _eval(stages, args, cfg),
         "export": lambda: _export(stages, args, cfg),
-        "convert": lambda: stages.convert_stage(args.input, args.output, args.to, args.overwrite),
+        "convert": lambda: stages.convert_stage(args.input, args.output, args.to, args.overwrite, args.prediction_type),
         "demo": lambda: _demo(args, cfg),
         "slurm": lambda: _slurm(args, cfg),
     }
@@ -185,12 +205,12 @@ def _data(stages, args: argparse.Namespace, cfg: Config) -> dict:
 
 def _eval(stages, args: argparse.Namespace, cfg: Config) -> dict:
     out = args.out if args.out is not None else cfg.path("{run}") / "eval"
-    return stages.eval_stage(args.checkpoint, cfg, out, args.num_samples, args.overwrite, args.shards)
+    return stages.eval_stage(args.checkpoint, cfg, out, args.num_samples, args.overwrite, args.shards, args.step)
 
 
 def _export(stages, args: argparse.Namespace, cfg: Config) -> dict:
     out = args.out if args.out is not None else cfg.path(cfg.export.dir)
-    summary = stages.export_stage(cfg, out, args.overwrite)
+    summary = stages.export_stage(cfg, out, args.overwrite, args.checkpoint, args.step, args.single_file)
     if args.diffusers_pipeline is not None:
         summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
     return summary
@@ -263,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":  # nothing to export: said before the full check below imports torch
             from .stages import export_precheck
 
-            export_precheck(cfg)
+            export_precheck(cfg, args.checkpoint)
+        resolves = args.command in PRETRAINED_STAGES and getattr(args, "action", "submit") == "submit"
+        if resolves and (cfg.pretrained is not None or cfg.model.init_from is not None):
+            from .pretrained.resolve import apply_pretrained
+
+            cfg = apply_pretrained(cfg)
         from .diffusion.checks import check_config
 
         check_config(cfg, str(config_path or "<defaults>") + " + overrides")

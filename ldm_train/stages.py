@@ -58,6 +58,9 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
     from .utils.images import save_grid
     from .utils.runs import MetricsLog, pick_device, prepare_output, record_config
 
+    if cfg.pretrained is not None and "path" not in cfg.autoencoder.model_fields_set:
+        raise UserError(f"train-vae: the VAE comes from pretrained {cfg.pretrained}; to train your own, set "
+                        "autoencoder.path to a new folder (train-vae writes there)")
     record_config(cfg, overwrite, stage="train-vae")
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
@@ -83,7 +86,7 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
     from .data.shards import FailedShardsError
     from .latents.encode import Encoders, encode_split
     from .latents.ranks import RankGroup, Ranks
-    from .text.encoder import prepare_text_encoder
+    from .text import prepare_text
     from .utils.runs import pick_device, record_config
 
     ranks = Ranks.from_env()
@@ -92,9 +95,9 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
     summary, failures = {}, []
     with RankGroup(ranks) as group:
         # rank 0 records the config and builds the text tower once; the others then load it
-        group.rank0_first(lambda: (record_config(cfg, overwrite, stage="encode"), prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir))))
+        group.rank0_first(lambda: (record_config(cfg, overwrite, stage="encode"), prepare_text(cfg.text, cfg.path(cfg.text.dir))))
         vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
-        text = prepare_text_encoder(cfg.text, cfg.path(cfg.text.dir)).to(device)
+        text = prepare_text(cfg.text, cfg.path(cfg.text.dir)).to(device)
         enc = Encoders(vae, text, cfg.latents, cfg.data.resolution, device, cfg.run.seed,
                        cfg.data.read_options(), cfg.data.tolerate_failed_shards)
         for split, spec in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
@@ -179,7 +182,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
 
 
 def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool,
-                 negative_prompt: str | None = None, height: int | None = None, width: int | None = None) -> dict:
+                 negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+                 step: int | None = None) -> dict:
     """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid; see
     :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size."""
     from .eval.pipeline import load_pipeline
@@ -189,7 +193,7 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
 
     check_output(out, overwrite, "sample")
     device = pick_device(cfg.distributed.cpu)
-    pipe = load_pipeline(checkpoint, device)
+    pipe = load_pipeline(checkpoint, device, step)
     latent_shape(pipe, height, width)  # a size that does not fit is refused before any sampling
     images, captions = generate(pipe, prompts, cfg.eval, device, progress=True,
                                 negative_prompt=negative_prompt, height=height, width=width)
@@ -197,7 +201,8 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
     return {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
 
 
-def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, overwrite: bool, shards: bool = False) -> dict:
+def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, overwrite: bool, shards: bool = False,
+               step: int | None = None) -> dict:
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
@@ -214,7 +219,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     check_output(out_dir, overwrite, "eval")  # every rank, before any writes
     accelerator = Accelerator(cpu=cfg.distributed.cpu)
     device = accelerator.device
-    pipe = load_pipeline(checkpoint, device)
+    pipe = load_pipeline(checkpoint, device, step)
     val = load_latents(cfg.path(cfg.latents.dir) / "val")
     t0 = time.time()
     captions = sorted(set(val.captions))
@@ -248,49 +253,99 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     return report
 
 
-def export_stage(cfg: Config, out: Path, overwrite: bool) -> dict:
-    from .autoencoder.vae import load_vae
-    from .eval.pipeline import PipelineError
-    from .export.export import export_pipeline
-    from .latents.cache import read_manifest
-    from .text.encoder import load_text_encoder
-    from .train.checkpoint import latest_checkpoint, load_weights
+def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | None = None, step: int | None = None,
+                 single_file: Path | None = None) -> dict:
+    """The EMA weights of ``checkpoint`` (a run folder, default ``{run}``; ``step``: which
+    checkpoint, default the latest) -> an inference folder, and optionally one single file."""
+    import torch
+
+    from .eval.pipeline import PipelineError, load_pipeline
+    from .export.export import export_pipeline, export_single_file, is_diffusers_pipeline
+    from .train.checkpoint import latest_checkpoint, split_step_folder
     from .utils.runs import check_output
 
     check_output(out, overwrite, "export")
-    ckpt = latest_checkpoint(cfg.path("{run}") / "checkpoints")
-    if ckpt is None:
-        raise PipelineError(NO_CHECKPOINT.format(cfg.path("{run}") / "checkpoints"))
-    manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
-    vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype)
-    text = load_text_encoder(cfg.path(cfg.text.dir))
-    export_pipeline(
-        out, cfg.model, load_weights(ckpt, "ema"), manifest["latent_shape"], vae, text, cfg.diffusion, cfg.export.dtype
-    )
-    return {"export": str(out), "from_checkpoint": str(ckpt)}
+    if single_file is not None:
+        check_output(single_file, overwrite, "export --single-file")
+    source, _ = split_step_folder(checkpoint if checkpoint is not None else cfg.path("{run}"))
+    if not (source / "model_index.json").is_file() and latest_checkpoint(source / "checkpoints") is None:
+        raise PipelineError(NO_CHECKPOINT.format(source / "checkpoints"))
+    pipe = load_pipeline(checkpoint if checkpoint is not None else source, torch.device("cpu"), step)
+    export_pipeline(out, pipe, cfg.export.dtype)
+    diffusers = is_diffusers_pipeline(out)
+    summary = {"export": str(out), "from": pipe.source,
+               "format": "diffusers StableDiffusionPipeline" if diffusers else
+                         "ldm_train (open_clip text tower; --diffusers-pipeline DIR converts it for diffusers)"}
+    if single_file is not None:
+        summary["single_file"] = str(export_single_file(out, single_file, cfg.export.dtype))
+    return summary
 
 
-def export_precheck(cfg: Config) -> None:
+def export_precheck(cfg: Config, checkpoint: Path | None = None) -> None:
     """``export``'s refusal when there is no checkpoint folder at all, before anything heavy is
     imported (the CLI runs it before the config's full check); :func:`export_stage` decides the rest."""
-    ckpts = cfg.path("{run}") / "checkpoints"
+    run = checkpoint if checkpoint is not None else cfg.path("{run}")
+    ckpts = run.parent if run.name.startswith("step-") else run / "checkpoints"
+    if (run / "model_index.json").is_file():
+        return  # an export or diffusers pipeline: re-exported as it is
     if not ckpts.is_dir() or not any(p.name.startswith("step-") for p in ckpts.iterdir()):
         raise UserError(NO_CHECKPOINT.format(ckpts))
 
 
-def convert_stage(src: Path, dst: Path, to: str, overwrite: bool) -> dict:
-    """A U-Net folder in either format -> ``to`` format (``project`` or ``diffusers``)."""
-    from .model.convert import write_diffusers_unet, write_project_unet
-    from .model.load import read_unet
+def convert_stage(src: Path, dst: Path, to: str, overwrite: bool, prediction_type: str | None = None) -> dict:
+    """A U-Net folder in either format -> ``to`` format (``project`` or ``diffusers``); an SD single
+    file -> a diffusers pipeline folder (``diffusers``); a pipeline folder -> a single file (``single-file``)."""
     from .utils.runs import check_output, prepare_output
 
     check_output(dst, overwrite, "convert")  # before reading: a refusal costs nothing
+    if src.is_file() or to == "single-file":
+        return _convert_sd(src, dst, to, overwrite, prediction_type)
+    from .model.convert import write_diffusers_unet, write_project_unet
+    from .model.load import read_unet
+
     cfg, state = read_unet(src)
     prepare_output(dst, overwrite, "convert")
     write = write_project_unet if to == "project" else write_diffusers_unet
     write(dst, cfg, state)
     params = sum(v.numel() for v in state.values())
     return {"input": str(src), "output": str(dst), "format": to, "parameters": params, "tensors": len(state)}
+
+
+def _convert_sd(src: Path, dst: Path, to: str, overwrite: bool, prediction_type: str | None) -> dict:
+    """Whole Stable Diffusion checkpoints: single file <-> diffusers pipeline folder."""
+    import shutil
+
+    from .config import DiffusionConfig
+    from .pretrained.resolve import read_pipeline_configs
+    from .pretrained.scheduler import ddim_scheduler
+    from .pretrained.single_file import (inspect_single_file, read_pipeline_folder, read_single_file,
+                                         write_pipeline_folder, write_single_file)
+
+    if to == "single-file":
+        if src.is_file():
+            raise UserError(f"convert: {src} is a file already; --to single-file converts a diffusers pipeline folder")
+        read_pipeline_configs(src)  # refusals first (not a pipeline, SDXL, missing parts)
+        ckpt = read_pipeline_folder(src)
+        partial = dst.with_name(dst.name + ".partial")
+        write_single_file(partial, ckpt)
+        partial.replace(dst)
+    elif to == "diffusers":
+        family, _ = inspect_single_file(src)
+        if family == "sd2" and prediction_type is None:
+            raise UserError(f"convert: {src} is an SD 2.x single file: 768-v and 512-base have the same layout; "
+                            "pass --prediction-type v_prediction (768-v) or epsilon (512-base)")
+        schedule = DiffusionConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type=prediction_type or "epsilon")
+        ckpt = read_single_file(src)
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_pipeline_folder(ckpt, partial, dict(ddim_scheduler(schedule).config))
+        shutil.rmtree(dst, ignore_errors=True)
+        partial.rename(dst)
+    else:
+        raise UserError(f"convert: {src} is a single-file checkpoint; use --to diffusers (a pipeline folder)")
+    return {"input": str(src), "output": str(dst), "format": to, "family": ckpt.family, "ema": ckpt.ema,
+            "tensors": len(ckpt.unet) + len(ckpt.vae) + len(ckpt.text) + len(ckpt.extras)}
 
 
 def sd_pipeline_stage(export_dir: Path, out: Path, overwrite: bool) -> dict:

@@ -23,7 +23,7 @@ LAYERS = {
     "text": 1,
     "latents": 2,
     "model": 3,
-    "pretrained": 3,  # Stable Diffusion checkpoints in: U-Net, VAE, text tower and schedule
+    "pretrained": 4,  # after diffusion. Stable Diffusion checkpoints in: U-Net, VAE, text tower and schedule
     "diffusion": 4,
     "train": 5,
     "eval": 6,

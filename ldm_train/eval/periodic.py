@@ -19,7 +19,7 @@ from ..autoencoder.vae import load_vae
 from ..config import Config, EvalConfig
 from ..diffusion import build_schedule
 from ..latents.cache import load_latents, read_manifest
-from ..text.encoder import load_text_encoder
+from ..text import load_text
 from ..train.telemetry import Writers
 from ..utils.images import image_grid
 from ..utils.runs import MetricsLog
@@ -37,7 +37,7 @@ def periodic_eval(cfg: Config, accelerator: Accelerator, log: MetricsLog) -> Cal
     device = accelerator.device
     frozen = Pipeline(
         None, load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),
-        load_text_encoder(cfg.path(cfg.text.dir)).to(device), build_schedule(cfg.diffusion), cfg.diffusion,
+        load_text(cfg.text, cfg.path(cfg.text.dir)).to(device), build_schedule(cfg.diffusion), cfg.diffusion,
         read_manifest(latents / "train")["latent_shape"], "",
     )
     metrics = ImageMetrics.from_config(cfg) if accelerator.is_main_process else None

@@ -1,8 +1,9 @@
 """Everything needed to sample, loaded from a training run folder or from an export folder.
 
 A run folder has ``config.yaml`` and ``checkpoints/``; its latest checkpoint's EMA weights are
-used, with the VAE and text tower named by the run's config. An export folder has
-``model_index.json`` (see ``ldm_train.export``) and nothing outside it is read.
+used (or those of ``step``; ``RUN/checkpoints/step-N`` names one too), with the VAE and text tower
+named by the run's config. An export folder, or any diffusers Stable Diffusion pipeline folder,
+has ``model_index.json`` (see ``ldm_train.export``) and nothing outside it is read.
 """
 from __future__ import annotations
 
@@ -20,12 +21,10 @@ from ..diffusion import NoiseSchedule, build_schedule
 from ..latents.cache import read_manifest
 from ..model import build_unet
 from ..model.load import read_unet
-from ..text.encoder import TextEncoder, load_text_encoder
-from ..train.checkpoint import latest_checkpoint, load_weights
+from ..pretrained.scheduler import schedule_keys
+from ..text import TextEncoder, load_text, load_text_components
+from ..train.checkpoint import load_weights, pick_checkpoint, split_step_folder
 
-# diffusers spells the cosine schedule of Improved DDPM "squaredcos_cap_v2".
-TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in TO_DIFFUSERS_SCHEDULE.items()}
 DIFFUSION_FILE = "ldm_train_diffusion.json"
 
 
@@ -51,17 +50,7 @@ def diffusion_config_from_scheduler(folder: Path) -> DiffusionConfig:
         raw = migrate({"diffusion": json.loads((folder / DIFFUSION_FILE).read_text())})["diffusion"]
         return DiffusionConfig.model_validate(raw)
     raw = json.loads((folder / "scheduler_config.json").read_text())
-    kind = FROM_DIFFUSERS_SCHEDULE.get(raw.get("beta_schedule"))
-    if kind is None:
-        raise PipelineError(f"{folder / 'scheduler_config.json'}: unsupported beta_schedule {raw.get('beta_schedule')!r}")
-    return DiffusionConfig(
-        num_train_timesteps=int(raw["num_train_timesteps"]),
-        beta_schedule=kind,
-        beta_start=float(raw["beta_start"]),
-        beta_end=float(raw["beta_end"]),
-        prediction_type=raw.get("prediction_type", "epsilon"),
-        rescale_betas_zero_snr=bool(raw.get("rescale_betas_zero_snr", False)),
-    )
+    return DiffusionConfig(**schedule_keys(raw, str(folder / "scheduler_config.json")))
 
 
 def _unet(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], device) -> torch.nn.Module:
@@ -72,30 +61,33 @@ def _unet(model_cfg: ModelConfig, weights: dict[str, torch.Tensor], device) -> t
 
 def _from_export(folder: Path, device) -> Pipeline:
     index = json.loads((folder / "model_index.json").read_text())
-    model_cfg, weights = read_unet(folder / index.get("unet", "unet"))
+    model_cfg, weights = read_unet(folder / "unet")
     diffusion = diffusion_config_from_scheduler(folder / "scheduler")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    # exports before issue 13 wrote latent_shape into model_index.json; a diffusers pipeline says it in unet/
+    shape = index.get("latent_shape") or [unet["in_channels"], unet["sample_size"], unet["sample_size"]]
     return Pipeline(
         _unet(model_cfg, weights, device),
         load_vae(folder / "vae").to(device),
-        load_text_encoder(folder / "text_encoder").to(device),
+        load_text_components(folder).to(device),
         build_schedule(diffusion),
         diffusion,
-        index["latent_shape"],
+        list(shape),
         f"export {folder}",
     )
 
 
-def _from_run(folder: Path, device) -> Pipeline:
+def _from_run(folder: Path, device, step: int | None) -> Pipeline:
     cfg: Config = load_config(folder / "config.yaml", migrate_old=True)  # also a run from before keys moved
     cfg.run.dir = str(folder)  # "{run}" paths follow the folder wherever it was moved
-    ckpt = latest_checkpoint(folder / "checkpoints")
+    ckpt = pick_checkpoint(folder / "checkpoints", step)
     if ckpt is None:
         raise PipelineError(f"run folder {folder} has no complete checkpoint under checkpoints/; train first")
     manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
     return Pipeline(
         _unet(cfg.model, load_weights(ckpt, "ema"), device),
         load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),
-        load_text_encoder(cfg.path(cfg.text.dir)).to(device),
+        load_text(cfg.text, cfg.path(cfg.text.dir)).to(device),
         build_schedule(cfg.diffusion),
         cfg.diffusion,
         manifest["latent_shape"],
@@ -103,15 +95,26 @@ def _from_run(folder: Path, device) -> Pipeline:
     )
 
 
-def load_pipeline(path: str | Path, device: torch.device) -> Pipeline:
-    folder = Path(path)
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(folder, step) from ``--checkpoint`` and ``--step``: ``RUN/checkpoints/step-N`` is (RUN, N)."""
+    folder, named = split_step_folder(Path(path))
+    if named is not None and step is not None and named != step:
+        raise PipelineError(f"--checkpoint {path} is step {named} but --step says {step}")
+    return folder, step if step is not None else named
+
+
+def load_pipeline(path: str | Path, device: torch.device, step: int | None = None) -> Pipeline:
+    folder, step = resolve_checkpoint(path, step)
     if (folder / "model_index.json").is_file():
+        if step is not None:
+            raise PipelineError(f"{folder} is an export (one set of weights): --step applies to run folders")
         return _from_export(folder, device)
     if (folder / "config.yaml").is_file():
         try:
-            return _from_run(folder, device)
+            return _from_run(folder, device, step)
         except ConfigError as e:
             raise PipelineError(f"{folder}/config.yaml: {e}") from None
     raise PipelineError(
-        f"{folder} is neither an export (model_index.json) nor a run folder (config.yaml + checkpoints/)"
+        f"{folder} is neither an export or diffusers pipeline (model_index.json) nor a run folder "
+        "(config.yaml + checkpoints/)"
     )

@@ -1,4 +1,4 @@
-"""Export: a self-contained inference folder (EMA U-Net, VAE, text tower, scheduler)."""
-from .export import export_pipeline, scheduler_for
+"""Inference folders: diffusers pipelines, and the original single-file layout."""
+from .export import export_pipeline, export_single_file
 
-__all__ = ["export_pipeline", "scheduler_for"]
+__all__ = ["export_pipeline", "export_single_file"]

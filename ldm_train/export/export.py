@@ -1,85 +1,81 @@
 """``export``: a self-contained folder for inference, independent of the training run folder.
 
-Layout (diffusers-style components, every tensor in safetensors, every config in JSON)::
+With a transformers CLIP text tower (Stable Diffusion's; ``text.encoder: transformers``) the
+folder is a diffusers ``StableDiffusionPipeline``, loadable as it is::
 
     export/
-      model_index.json            which component lives where
+      model_index.json            StableDiffusionPipeline: which component lives where
       unet/                       EMA weights as a diffusers UNet2DConditionModel folder
-                                  (config.json + diffusion_pytorch_model.safetensors)
       vae/                        diffusers AutoencoderKL folder (save_pretrained)
-      text_encoder/               open_clip config + weights (see ldm_train.text)
-      scheduler/scheduler_config.json   a diffusers DDIMScheduler config
+      text_encoder/, tokenizer/   transformers CLIPTextModel (cut at text.layer) + CLIPTokenizer
+      scheduler/                  a diffusers DDIMScheduler config (+ our full diffusion section)
 
-``diffusers.UNet2DConditionModel.from_pretrained(export / "unet")`` and
-``AutoencoderKL.from_pretrained(export / "vae")`` load the components directly.
+With an open_clip tower, ``text_encoder/`` holds the open_clip config + weights and
+``model_index.json`` says ``"_class_name": "ldm_train"`` with a note: diffusers cannot load that
+tower, so ``--diffusers-pipeline DIR`` converts it (``ldm_train.export.sd_pipeline``).
+``--single-file FILE`` also writes the original SD single-file layout (A1111, ComfyUI).
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
 
 from ..autoencoder.vae import DTYPES
-from ..config import DiffusionConfig, ModelConfig
-from ..eval.pipeline import DIFFUSION_FILE, TO_DIFFUSERS_SCHEDULE
+from ..config import ModelConfig
+from ..eval.pipeline import DIFFUSION_FILE, Pipeline
 from ..model.convert import write_diffusers_unet
-from ..text.encoder import TextEncoder, save_text_encoder
+from ..pretrained.scheduler import ddim_scheduler
+from ..text import save_text_components
+from .sd_pipeline import _model_index, write_sd_pipeline
 
-def scheduler_for(cfg: DiffusionConfig) -> DDIMScheduler:
-    """The diffusers DDIMScheduler equivalent to our schedule and DDIM sampler defaults."""
-    return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=TO_DIFFUSERS_SCHEDULE[cfg.beta_schedule],
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",
-        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
-    )
+OPEN_CLIP_NOTE = ("an ldm_train export with an open_clip text tower, which diffusers cannot load: "
+                  "`ldm-train export --diffusers-pipeline DIR` converts it into a StableDiffusionPipeline folder")
 
 
-def export_pipeline(
-    out_dir: Path,
-    model_cfg: ModelConfig,
-    ema_weights: dict[str, torch.Tensor],
-    latent_shape: list[int],
-    vae: AutoencoderKL,
-    text: TextEncoder,
-    diffusion_cfg: DiffusionConfig,
-    dtype: str = "fp32",
-) -> Path:
-    """Write the export folder (atomically: ``<out>.partial`` renamed when complete)."""
+def export_pipeline(out_dir: Path, pipe: Pipeline, dtype: str = "fp32") -> Path:
+    """Write the export folder from a loaded pipeline (atomically: ``<out>.partial`` renamed when
+    complete); ``model_index.json``'s class name says whether it is a diffusers pipeline."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    weights = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in ema_weights.items()}
-    write_diffusers_unet(partial / "unet", model_cfg, weights, sample_size=latent_shape[-1])
-    vae.save_pretrained(partial / "vae", safe_serialization=True)
-    save_text_encoder(text, partial / "text_encoder", _text_model_cfg(text))
-    scheduler_for(diffusion_cfg).save_config(partial / "scheduler")
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    weights = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in unet.state_dict().items()}
+    write_diffusers_unet(partial / "unet", ModelConfig.model_validate(unet.config), weights,
+                         sample_size=pipe.latent_shape[-1])
+    pipe.vae.to(DTYPES[dtype]).save_pretrained(partial / "vae", safe_serialization=True)
+    save_text_components(pipe.text, partial)
+    ddim_scheduler(pipe.diffusion).save_config(partial / "scheduler")
     # The full diffusion section too (learned variance, weighting...), which diffusers has no key for.
-    (partial / "scheduler" / DIFFUSION_FILE).write_text(json.dumps(diffusion_cfg.model_dump(), indent=2))
-    index = {
-        "_class_name": "ldm_train",
-        "unet": "unet",
-        "vae": "vae",
-        "text_encoder": "text_encoder",
-        "scheduler": "scheduler",
-        "latent_shape": list(latent_shape),
-    }
+    (partial / "scheduler" / DIFFUSION_FILE).write_text(json.dumps(pipe.diffusion.model_dump(), indent=2))
+    if (partial / "tokenizer").is_dir():
+        index = _model_index(partial)
+    else:
+        index = {"_class_name": "ldm_train", "_note": OPEN_CLIP_NOTE, "unet": "unet", "vae": "vae",
+                 "text_encoder": "text_encoder", "scheduler": "scheduler", "latent_shape": list(pipe.latent_shape)}
     (partial / "model_index.json").write_text(json.dumps(index, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
     return out_dir
 
 
-def _text_model_cfg(text: TextEncoder) -> dict | None:
-    import open_clip
+def is_diffusers_pipeline(export_dir: Path) -> bool:
+    return json.loads((export_dir / "model_index.json").read_text()).get("_class_name") == "StableDiffusionPipeline"
 
-    return open_clip.get_model_config(text.name)
+
+def export_single_file(export_dir: Path, path: Path, dtype: str) -> Path:
+    """The export as one SD 1.x/2.x single file (original key layout), via its diffusers form."""
+    from ..pretrained.single_file import read_pipeline_folder, write_single_file
+
+    partial = path.with_name(path.name + ".partial")
+    if is_diffusers_pipeline(export_dir):
+        write_single_file(partial, read_pipeline_folder(export_dir), DTYPES[dtype])
+    else:  # open_clip tower: converted to a CLIPTextModel first, in a scratch folder
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            pipeline = write_sd_pipeline(export_dir, Path(tmp) / "pipeline")
+            write_single_file(partial, read_pipeline_folder(pipeline), DTYPES[dtype])
+    partial.replace(path)
+    return path

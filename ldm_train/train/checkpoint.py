@@ -32,9 +32,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
 from .ema import EMA, consolidate
 
 PREFIX = "step-"
+
+
+class CheckpointNotFound(UserError):
+    """``--step N`` names a step without a complete checkpoint."""
+
 _EMA_FILE = re.compile(r"ema-(\d{5})-of-(\d{5})\.safetensors")
 
 
@@ -144,6 +150,25 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def pick_checkpoint(ckpt_root: Path, step: int | None = None) -> Path | None:
+    """The complete checkpoint of ``step`` (None: the latest); a step that has none is refused
+    naming the steps there are."""
+    if step is None:
+        return latest_checkpoint(ckpt_root)
+    found = {checkpoint_step(c): c for c in list_checkpoints(ckpt_root)}
+    if step not in found:
+        have = ", ".join(str(s) for s in sorted(found)) or "none"
+        raise CheckpointNotFound(f"no complete checkpoint of step {step} under {ckpt_root} (steps there: {have})")
+    return found[step]
+
+
+def split_step_folder(path: Path) -> tuple[Path, int | None]:
+    """``RUN/checkpoints/step-N`` -> (RUN, N); any other path -> (path, None)."""
+    if path.name.startswith(PREFIX) and path.parent.name == "checkpoints" and path.name[len(PREFIX):].isdigit():
+        return path.parent.parent, checkpoint_step(path)
+    return path, None
 
 
 def checkpoint_step(ckpt: Path) -> int:

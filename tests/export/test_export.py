@@ -17,7 +17,7 @@ from ldm_train.model.convert import model_config_from_diffusers
 from ldm_train.diffusion import build_schedule
 from ldm_train.eval.pipeline import diffusion_config_from_scheduler, load_pipeline
 from ldm_train.eval.sample import generate
-from ldm_train.export.export import scheduler_for
+from ldm_train.pretrained.scheduler import ddim_scheduler
 from ldm_train.train.checkpoint import latest_checkpoint, load_weights
 from ldm_train.utils.runs import OutputExistsError
 
@@ -70,7 +70,7 @@ def test_scheduler_loads_in_diffusers_with_our_betas(micro_run):
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_scheduler_for_matches_every_schedule(tmp_path, kind, prediction):
     cfg = DiffusionConfig(beta_schedule=kind, prediction_type=prediction, beta_start=1e-4, beta_end=0.02)
-    scheduler_for(cfg).save_config(tmp_path)
+    ddim_scheduler(cfg).save_config(tmp_path)
     sched = diffusers.DDIMScheduler.from_pretrained(tmp_path)
     torch.testing.assert_close(sched.betas.double(), build_schedule(cfg).betas, rtol=1e-5, atol=1e-8)
     back = diffusion_config_from_scheduler(tmp_path)
