@@ -82,3 +82,27 @@ def write_json(path, obj, indent: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=indent) + "\n")
     return path
+
+
+# CLIP ViT-L/14's text tower, the one Stable Diffusion 1.x conditions on (openai/clip-vit-large-patch14's
+# text_config, as SD 1.5's text_encoder/config.json has it): 123 M parameters.
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def sd15_text_encoder(folder: Path, seed: int = 0, **overrides):
+    """SD 1.5's text tower at random init (``overrides``: smaller sizes for tests): a transformers
+    ``CLIPTextModel`` with the offline CLIP tokenizer written to ``folder`` (77 tokens, padding
+    with the end token as SD 1.x does), in ldm_train's ``HFTextEncoder``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_train.text.hf import HFTextEncoder
+    from ldm_train.text.tokenizer import EOT, write_clip_tokenizer
+
+    config = CLIPTextConfig(**{**SD15_TEXT, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    return HFTextEncoder(model, write_clip_tokenizer(folder, config.max_position_embeddings, pad=EOT))

@@ -5,7 +5,11 @@ plain open_clip CLIP text transformer.
 across file systems). ``text_encoder/`` becomes a transformers ``CLIPTextModel`` (its
 ``last_hidden_state`` is our ``TextEncoder.encode_tokens``: the states after ``ln_final``) and
 ``tokenizer/`` a ``CLIPTokenizer`` built from open_clip's own BPE file, padding with ``"!"``
-(id 0, as open_clip pads) like Stable Diffusion 2.x.
+(id 0, as open_clip pads) like Stable Diffusion 2.x. A tower saved with ``text.layer`` is already
+cut at that layer (SD 2.x's penultimate: 23 of ViT-H's 24 layers), so the ``CLIPTextModel`` has
+that depth and diffusers' plain ``encode_prompt`` reproduces our states, as diffusers' own SD 2
+``text_encoder/`` does. An export whose tower is a transformers ``CLIPTextModel`` already is
+copied as it is (``text_encoder/`` and ``tokenizer/``).
 
 Tokenizer caveat: open_clip cleans captions with ``ftfy.fix_text``, ``html.unescape`` and
 Python's ``str.lower`` before BPE; a ``CLIPTokenizer`` only applies NFC, whitespace folding and a
@@ -28,7 +32,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig
 
 from ..errors import UserError
-from ..text.encoder import TextEncoder, load_text_encoder
+from ..text.encoder import TextEncoder
+from ..text.hf import HFTextEncoder
+from ..text.towers import load_text_components, save_text_components
 from ..text.tokenizer import VOCAB_SIZE, open_clip_bpe, write_clip_tokenizer
 from ..utils.runs import check_output
 
@@ -210,15 +216,19 @@ def write_sd_pipeline(export_dir: Path, out_dir: Path, overwrite: bool = False) 
     """Write the StableDiffusionPipeline folder (atomically: ``<out>.partial`` renamed when complete)."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     _check_paths(export_dir, out_dir, overwrite)
-    text = load_text_encoder(export_dir / "text_encoder")
-    check_clip_text(text)  # refuse before anything is written
+    text = load_text_components(export_dir)
+    if not isinstance(text, HFTextEncoder):
+        check_clip_text(text)  # refuse before anything is written
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name in COPIED:
         _link_tree(export_dir / name, partial / name)
-    write_clip_text_model(text, partial / "text_encoder")
-    write_clip_tokenizer(partial / "tokenizer", text.context_length)
+    if isinstance(text, HFTextEncoder):
+        save_text_components(text, partial)
+    else:
+        write_clip_text_model(text, partial / "text_encoder")
+        write_clip_tokenizer(partial / "tokenizer", text.context_length)
     (partial / "model_index.json").write_text(json.dumps(_model_index(export_dir), indent=2))
     if out_dir.is_dir():
         shutil.rmtree(out_dir)

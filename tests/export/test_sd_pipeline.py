@@ -4,12 +4,13 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+from pathlib import Path
 
 import diffusers
 import open_clip
 import pytest
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import MICRO
 from ldm_train.cli import main
@@ -21,7 +22,9 @@ from ldm_train.export.sd_pipeline import (
     write_clip_text_model,
     write_sd_pipeline,
 )
+from ldm_train.text import load_text_components, prepare_text, save_text_components
 from ldm_train.text.encoder import TextEncoder, load_text_encoder, save_text_encoder, tiny_clip_config
+from ldm_train.text.tokenizer import EOT, write_clip_tokenizer
 from ldm_train.utils.runs import OutputExistsError
 
 CAPTIONS = [
@@ -190,3 +193,45 @@ def test_cli_export_with_diffusers_pipeline(micro_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(sd) in err and "--overwrite" in err and "Traceback" not in err
     assert main([*argv, "--overwrite"]) == 0
+
+
+# ---- text.layer: a cut tower converts at its cut depth; a transformers tower is copied ----
+
+def _export_with_text(micro_run, tmp_path, save) -> Path:
+    export = tmp_path / "export"
+    shutil.copytree(micro_run.export, export)
+    shutil.rmtree(export / "text_encoder")
+    save(export)
+    return export
+
+
+def test_penultimate_tower_converts_at_cut_depth(micro_run, tmp_path):
+    """SD 2.x's layout: the CLIPTextModel has one layer fewer and diffusers' plain encode_prompt
+    gives our penultimate-layer states."""
+    t = micro_run.cfg.text
+    cfg = TextConfig(width=t.width, heads=t.heads, context_length=t.context_length, layers=3, layer="penultimate")
+    text = prepare_text(cfg, tmp_path / "text")
+    assert clip_text_config(text).num_hidden_layers == 2
+    export = _export_with_text(micro_run, tmp_path, lambda root: save_text_components(text, root))
+    sd = write_sd_pipeline(export, tmp_path / "pipe")
+    assert json.loads((sd / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 2
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd)
+    cond = pipe.encode_prompt(CAPTIONS, torch.device("cpu"), 1, False)[0]
+    torch.testing.assert_close(cond, text(CAPTIONS), rtol=0, atol=1e-6)
+
+
+def test_transformers_tower_is_copied(micro_run, tmp_path):
+    t = micro_run.cfg.text
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=t.width, intermediate_size=4 * t.width, num_hidden_layers=2,
+                                         num_attention_heads=t.heads, max_position_embeddings=77, hidden_act="quick_gelu"))
+    model.save_pretrained(tmp_path / "src" / "text_encoder")
+    write_clip_tokenizer(tmp_path / "src" / "tokenizer", 77, pad=EOT)
+    text = load_text_components(tmp_path / "src")
+    export = _export_with_text(micro_run, tmp_path, lambda root: save_text_components(text, root))
+    sd = write_sd_pipeline(export, tmp_path / "pipe")
+    again = load_text_components(sd)
+    assert again.kind == "transformers"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd)
+    cond = pipe.encode_prompt(CAPTIONS, torch.device("cpu"), 1, False)[0]
+    torch.testing.assert_close(cond, text(CAPTIONS), rtol=0, atol=1e-6)

@@ -30,6 +30,16 @@ def test_bench_encode_tiny(tmp_path):
     for key in ("vae_only_img_per_s", "text_only_img_per_s", "full_encode_img_per_s", "ratio_full_to_vae"):
         assert res[key] > 0, key
     assert res["n"] == 24 and res["res"] == 32
+    assert res["ratio_full_to_bare"] > 0 and "ratio full / bare vae + text" in stdout
+
+
+def test_bench_encode_sd15_mode(tmp_path):
+    """SD 1.5's VAE and CLIP ViT-L/14 text tower at their real sizes, random init (about 20 s)."""
+    stdout, res = bench(tmp_path, "bench_encode.py", "--sd15", "--n", "8", "--batch", "8", "--shard-size", "8", "--res", "32")
+    assert res["vae"] == "sd" and res["text"].startswith("sd15 (transformers-clip-text-w768-l12of12")
+    assert 123e6 < res["text_params"] < 124e6  # CLIP ViT-L/14's text tower
+    for key in ("vae_only_img_per_s", "text_only_img_per_s", "bare_img_per_s", "full_encode_img_per_s", "ratio_full_to_bare"):
+        assert res[key] > 0, key
 
 
 def test_bench_loader_tiny(tmp_path):
