@@ -266,6 +266,8 @@ def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | Non
 
     check_output(out, overwrite, "export")
     if single_file is not None:
+        if single_file.suffix != ".safetensors":
+            raise UserError(f"export --single-file {single_file}: name a .safetensors file (nothing pickled is written)")
         check_output(single_file, overwrite, "export --single-file")
     source, _ = split_step_folder(checkpoint if checkpoint is not None else cfg.path("{run}"))
     if not (source / "model_index.json").is_file() and latest_checkpoint(source / "checkpoints") is None:
@@ -326,7 +328,7 @@ def _convert_sd(src: Path, dst: Path, to: str, overwrite: bool, prediction_type:
             raise UserError(f"convert: {src} is a file already; --to single-file converts a diffusers pipeline folder")
         read_pipeline_configs(src)  # refusals first (not a pipeline, SDXL, missing parts)
         ckpt = read_pipeline_folder(src)
-        partial = dst.with_name(dst.name + ".partial")
+        partial = dst.with_name(f"{dst.stem}.partial{dst.suffix}")  # the writer checks the suffix
         write_single_file(partial, ckpt)
         partial.replace(dst)
     elif to == "diffusers":

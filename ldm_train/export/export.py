@@ -70,7 +70,7 @@ def export_single_file(export_dir: Path, path: Path, dtype: str) -> Path:
     """The export as one SD 1.x/2.x single file (original key layout), via its diffusers form."""
     from ..pretrained.single_file import read_pipeline_folder, write_single_file
 
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")  # the writer checks the suffix
     if is_diffusers_pipeline(export_dir):
         write_single_file(partial, read_pipeline_folder(export_dir), DTYPES[dtype])
     else:  # open_clip tower: converted to a CLIPTextModel first, in a scratch folder

@@ -148,3 +148,31 @@ def test_sd21_preset_on_a_tiny_sd2(sd2, tmp_path):
     assert cfg.diffusion.prediction_type == "v_prediction" and cfg.model.use_linear_projection
     assert cfg.text.layer == "last"  # diffusers' SD 2 text_encoder/ ends at the penultimate layer already
     assert (run / "checkpoints" / "step-0000001").is_dir()
+
+
+def test_step_picks_a_checkpoint_for_sample_and_export(sd15_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ldm_train.pretrained.single_file import read_single_file
+
+    cfg = load_config("sd15-finetune", ["eval.steps=2", "eval.samples_per_prompt=1"])
+    first, last = load_pipeline(sd15_run, CPU, step=1), load_pipeline(sd15_run, CPU)
+    named = load_pipeline(sd15_run / "checkpoints" / "step-0000001", CPU)
+    assert "step-0000001" in first.source and "step-0000002" in last.source
+    one, _ = generate(first, CAPTIONS[:1], cfg.eval, CPU)
+    assert torch.equal(one, generate(named, CAPTIONS[:1], cfg.eval, CPU)[0])
+    assert not torch.equal(one, generate(last, CAPTIONS[:1], cfg.eval, CPU)[0])
+    assert main(["sample", "--checkpoint", str(sd15_run), "--step", "7", "--prompt", "x",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "no complete checkpoint of step 7" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+    out, single = tmp_path / "export1", tmp_path / "sd15-step1.safetensors"
+    assert main(["export", "--config", "sd15-finetune", "--checkpoint", str(sd15_run), "--step", "1",
+                 "--out", str(out), "--single-file", str(single), "export.dtype=fp16"]) == 0
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in unet.values())
+    back = read_single_file(single)
+    assert back.family == "sd1" and back.unet.keys() == unet.keys()
+    assert all(torch.equal(back.unet[k], v) for k, v in unet.items())
+    assert main(["export", "--config", "sd15-finetune", "--checkpoint", str(sd15_run), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
