@@ -449,10 +449,19 @@ def read_single_file(path, *, ema: bool = True) -> SDCheckpoint:
     path = Path(path)
     _check_path(path)
     state, non_tensors = _load(path)
+    ckpt = from_single_file_state(state, ema=ema, source=path)
+    if non_tensors:
+        ckpt.ignored["non-tensor entries"] = non_tensors
+    return ckpt
+
+
+def from_single_file_state(state: dict[str, torch.Tensor], *, ema: bool = True, source="state dict") -> SDCheckpoint:
+    """:func:`read_single_file` on an original-layout state dict already in memory (``source``
+    names it in refusals); works on meta tensors too, for checks at real SD sizes."""
+    path = Path(source)
     family = _classify(path, {k: tuple(v.shape) for k, v in state.items()})
     ignored = {"schedule": sum(k in SCHEDULE and not k.startswith(EMA) for k in state),
-               "model_ema.decay/num_updates": sum(k in SCHEDULE and k.startswith(EMA) for k in state),
-               "non-tensor entries": non_tensors}
+               "model_ema.decay/num_updates": sum(k in SCHEDULE and k.startswith(EMA) for k in state)}
     unet_ldm, used_ema = _pick_unet(path, state, ema, ignored)
     unet_config = unet_config_from_ldm(path, family, unet_ldm)
     vae_ldm = _sub(state, VAE)

@@ -194,3 +194,47 @@ def test_refusals_are_one_line_and_name_the_file(tiny, tmp_path):
                 reader(path)
             message = str(info.value)
             assert needle in message and str(path) in message and "\n" not in message, (name, message)
+
+
+REAL = {  # the real SD 1.5 and SD 2.1 architectures (diffusers' configs), built on the meta device
+    "sd1": dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+                text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          hidden_act="quick_gelu"), model_type="v1"),
+    "sd2": dict(unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                          hidden_act="gelu"), model_type="v2"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_sd_sizes_on_meta(family):
+    """At real SD sizes (meta tensors: no memory, no download): the keys we write are those diffusers
+    reads (its model-type detection says v1/v2), and reading them back infers the real configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from ldm_train.pretrained.single_file import SDCheckpoint, from_single_file_state, to_single_file_state
+
+    real = REAL[family]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, **real["unet"])
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **real["text"]))
+    text_state = {"text_model." + k: v for k, v in text.state_dict().items()}
+    ckpt = SDCheckpoint(family, dict(unet.config), unet.state_dict(), dict(vae.config), vae.state_dict(),
+                        text.config.to_dict(), text_state)
+    state = to_single_file_state(ckpt)
+    assert infer_diffusers_model_type(state) == real["model_type"]
+    back = from_single_file_state(state)
+    for key, value in back.unet_config.items():
+        if not key.startswith("_") and key != "sample_size":
+            assert value == (list(unet.config[key]) if isinstance(unet.config[key], tuple) else unet.config[key]), key
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels"):
+        assert back.vae_config[key] == (list(vae.config[key]) if key == "block_out_channels" else vae.config[key])
+    for key, value in real["text"].items():
+        assert back.text_config[key] == value, key
+    theirs = convert_ldm_unet_checkpoint(state, back.unet_config)
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    assert {k: v.shape for k, v in back.vae.items()} == {k: v.shape for k, v in vae.state_dict().items()}
+    assert {k: v.shape for k, v in back.text.items()} == {k: v.shape for k, v in text_state.items()}
