@@ -110,11 +110,15 @@ def _safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
         except ValueError as e:
             raise SingleFileError(f"{path}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    try:
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    except (KeyError, TypeError, IndexError):
+        raise SingleFileError(f"{path}: corrupt safetensors header (an entry lacks shape or data_offsets)") from None
     if 8 + n + end != size:
         raise SingleFileError(f"{path}: truncated or corrupt safetensors file: its header describes "
                               f"{8 + n + end} bytes, the file has {size}")
-    return {k: tuple(v["shape"]) for k, v in header.items()}
+    return shapes
 
 
 def _load_ckpt(path: Path) -> dict:
@@ -200,6 +204,8 @@ def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 # --------------------------------------------------------------------------------------- U-Net
 def _unet_levels(path: Path, unet: dict[str, torch.Tensor]) -> tuple[list[bool], list[int], list[int], int]:
     """(attends, channels, transformer depth per level, layers_per_block) from input_blocks."""
+    if "input_blocks.0.0.weight" not in unet:
+        raise SingleFileError(f"{path}: no {UNET}input_blocks.0.0.weight: not the SD U-Net layout")
     count = 1 + max(int(k.split(".")[1]) for k in unet if k.startswith("input_blocks."))
     levels: list[list[tuple[int, bool, int]]] = [[]]  # per level: (channels, attends, depth) per resnet
     for i in range(1, count):
@@ -460,6 +466,13 @@ def from_single_file_state(state: dict[str, torch.Tensor], *, ema: bool = True, 
     names it in refusals); works on meta tensors too, for checks at real SD sizes."""
     path = Path(source)
     family = _classify(path, {k: tuple(v.shape) for k, v in state.items()})
+    try:
+        return _convert(path, family, state, ema)
+    except KeyError as e:  # a config inference met a tensor every SD checkpoint has
+        raise SingleFileError(f"{path}: incomplete {family} checkpoint: no tensor {e.args[0]}") from None
+
+
+def _convert(path: Path, family: str, state: dict[str, torch.Tensor], ema: bool) -> SDCheckpoint:
     ignored = {"schedule": sum(k in SCHEDULE and not k.startswith(EMA) for k in state),
                "model_ema.decay/num_updates": sum(k in SCHEDULE and k.startswith(EMA) for k in state)}
     unet_ldm, used_ema = _pick_unet(path, state, ema, ignored)
