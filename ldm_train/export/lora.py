@@ -125,7 +125,9 @@ def adapter_lora(unet_adapter: dict, text_adapter: dict | None = None, *, rank: 
     _check_rank_alpha(rank, alpha, "the adapter")
     unet = peft_adapter(unet_adapter)
     text = {k if k.startswith(TEXT_ROOT) else TEXT_ROOT + k: v for k, v in peft_adapter(text_adapter or {}).items()}
-    cpu = {p: {k: v.detach().contiguous().cpu() for k, v in a.items()} for p, a in (("unet", unet), ("text", text))}
+    # copies: safetensors refuses tensors that share storage, and the caller's may change under training
+    cpu = {p: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in a.items()}
+           for p, a in (("unet", unet), ("text", text))}
     return LoraFile(cpu["unet"], cpu["text"], rank, float(alpha), "peft")
 
 
@@ -321,7 +323,7 @@ def load_lora(path: Path) -> LoraFile:
         raise LoraFormatError(f"{file}: an SDXL LoRA (lora_te1_/lora_te2_ keys); SDXL is not supported yet")
     if any(k.startswith((PARTS["unet"][1], PARTS["text"][1])) for k in keys):
         fmt, (parts, rank, alpha) = "kohya", _from_kohya(file, tensors)
-    elif any(k.startswith(("unet.", "text_encoder.")) and ".lora" in k for k in keys):
+    elif any(k.startswith(("unet.", "text_encoder.")) and "lora" in k for k in keys):
         fmt, (parts, rank, alpha) = "diffusers", _from_diffusers(file, tensors, metadata)
     else:
         first = f" (its first key is {keys[0]!r})" if keys else ""

@@ -235,3 +235,70 @@ def test_kohya_names_invert_on_real_sd(family):
     assert len(names) > 300
     for part, name in names:
         assert module_from_kohya(kohya_name(part, name)) == (part, name)
+
+
+def refused(error, call, *needles) -> str:
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+    return message
+
+
+def test_another_architecture_refused(sd1, tmp_path):
+    """An SD 1.x LoRA against an SD 2.x U-Net (linear proj_in, other widths): the first mismatched
+    key, as the file spells it; a module the U-Net lacks; merge_lora refuses the same way."""
+    _, pipe, lora = sd1
+    sd2 = module_shapes(tiny_sd_components("sd2")["unet"].state_dict())
+    kohya = load_lora(save_kohya_lora(tmp_path / "k.safetensors", lora.unet, rank=RANK, alpha=ALPHA))
+    refused(LoraMismatchError, lambda: check_lora(sd2, kohya), str(tmp_path / "k.safetensors"),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight has shape (4, 32, 1, 1)", "needs (4, 64)")
+    save_diffusers_lora(tmp_path / "d", lora.unet, rank=RANK, alpha=ALPHA)
+    refused(LoraMismatchError, lambda: check_lora(sd2, load_lora(tmp_path / "d")),
+            "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight has shape")
+    extra = dict(lora.unet, **{"down_blocks.5.resnets.0.conv1.lora_A.weight": torch.zeros(RANK, 8, 3, 3),
+                               "down_blocks.5.resnets.0.conv1.lora_B.weight": torch.zeros(8, RANK, 1, 1)})
+    alien = adapter_lora(extra, rank=RANK, alpha=ALPHA)
+    refused(LoraMismatchError, lambda: merge_lora(pipe.unet.state_dict(), alien),
+            "down_blocks.5.resnets.0.conv1.lora_A.weight names no module of this U-Net")
+    both = load_lora(save_kohya_lora(tmp_path / "both.safetensors", lora.unet, lora.text, rank=RANK, alpha=ALPHA))
+    unet = module_shapes(pipe.unet.state_dict())
+    check_lora(unet, both, module_shapes(pipe.text_encoder.state_dict()))  # fits (flat transformers 5 names)
+    wide = {k: (2 * v[0], *v[1:]) for k, v in module_shapes(pipe.text_encoder.state_dict()).items()}
+    refused(LoraMismatchError, lambda: check_lora(unet, both, wide),
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight has shape (256, 4)", "text encoder")
+
+
+def test_bad_files_refused(sd1, tmp_path):
+    """No LoRA keys, truncated, pickles, an empty folder, SDXL, LyCORIS, half pairs, several ranks,
+    rank <= 0: one line naming the file (and key)."""
+    _, pipe, lora = sd1
+    weights = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.unet.state_dict().items()}, str(weights))
+    refused(LoraFormatError, lambda: load_lora(weights), str(weights), "no LoRA keys", "conv_in")
+    good = save_kohya_lora(tmp_path / "k.safetensors", lora.unet, rank=RANK, alpha=ALPHA)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    refused(LoraFormatError, lambda: load_lora(cut), str(cut), "truncated or corrupt")
+    pickle = tmp_path / "lora.ckpt"
+    pickle.write_bytes(b"\x80\x02")
+    refused(LoraFormatError, lambda: load_lora(pickle), str(pickle), "only .safetensors")
+    (tmp_path / "empty").mkdir()
+    refused(LoraFormatError, lambda: load_lora(tmp_path / "empty"), LORA_WEIGHT_NAME)
+    down = torch.zeros(RANK, 64)
+    cases = {
+        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down}, "SDXL"),
+        "loha": ({"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": down}, "'lora_unet_mid_block_attentions_0_proj_in.hada_w1_a'"),
+        "half": ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": down}, "lacks its lora_down or lora_up"),
+        "ranks": ({"lora_unet_a_to_q.lora_down.weight": down, "lora_unet_a_to_q.lora_up.weight": torch.zeros(8, RANK),
+                   "lora_unet_b_to_q.lora_down.weight": down[:2].clone(), "lora_unet_b_to_q.lora_up.weight": torch.zeros(8, 2)},
+                  "lora_unet_b_to_q has rank 2"),
+        "old-diffusers": ({"unet.mid_block.attentions.0.processor.to_q_lora.down.weight": down}, "not a diffusers PEFT"),
+    }
+    for name, (tensors, needle) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        refused(LoraFormatError, lambda: load_lora(path), str(path), needle)
+    refused(LoraFormatError, lambda: save_kohya_lora(tmp_path / "r.safetensors", lora.unet, rank=0, alpha=1), "rank")
+    refused(LoraFormatError, lambda: save_diffusers_lora(tmp_path / "r", lora.unet, rank=2, alpha=1), "rank-2 pair")
+    refused(LoraFormatError, lambda: save_kohya_lora(tmp_path / "r.pt", lora.unet, rank=RANK, alpha=1), ".safetensors")
