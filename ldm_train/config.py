@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -331,6 +331,39 @@ class LRScheduleConfig(Section):
     num_cycles: int = Field(1, gt=0, description="cosine_restarts: cosines, each restarting at train.lr")
 
 
+class LoraConfig(Section):
+    """``train.lora``: train a low-rank adapter (LoRA, Hu et al. 2021, through PEFT) on the frozen U-Net
+    instead of its full weights (ldm_train.train.lora). ``target_modules`` are module names as in
+    diffusers' UNet2DConditionModel, matched by PEFT as a suffix of the module path: the default is the
+    attention projections (as diffusers' train_text_to_image_lora.py); add ``proj_in``, ``proj_out``,
+    ``ff.net.0.proj``, ``ff.net.2`` (the transformer's feed-forward), ``conv1``, ``conv2``,
+    ``conv_shortcut`` (resnets), ... for more capacity. Checkpoints then hold the adapter only."""
+
+    enabled: bool = Field(False, description="train a LoRA adapter on the frozen U-Net instead of its full weights")
+    rank: int = Field(4, gt=0, description="rank r of each adapter (lora_A: r x in, lora_B: out x r)")
+    alpha: float | None = Field(
+        None, gt=0, description="lora_alpha; the update is scaled by alpha / rank; null = rank (scale 1)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (PEFT lora_dropout)")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+        description="module names (suffixes of U-Net module paths) that get an adapter; e.g. add proj_in, proj_out, "
+                    "ff.net.0.proj, ff.net.2, conv1, conv2")
+    init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = Field(
+        "default", description="PEFT init_lora_weights: default (kaiming A, zero B), gaussian, orthogonal (even rank, "
+                               "linear only), pissa or olora (these two move the principal part out of the base weights)")
+    text_encoder: bool = Field(False, description="also a LoRA on the text encoder (not supported yet: refused)")
+    init_from: str | None = Field(
+        None, description="an existing LoRA (PEFT/diffusers or kohya .safetensors) to continue training")
+
+    @field_validator("text_encoder")
+    @classmethod
+    def _text_encoder_not_yet(cls, value: bool) -> bool:
+        if value:  # the loop trains on cached embeddings; a trained encoder needs cached tokens + encoding per batch
+            raise ValueError("not supported yet: text-encoder LoRA needs latents.text: tokens and the text encoder "
+                             "run per batch in the loop; train the U-Net's adapter only (text_encoder: false)")
+        return value
+
+
 class TrainConfig(Section):
     """Optimisation of the denoiser."""
 
@@ -366,6 +399,7 @@ class TrainConfig(Section):
     # Speed: torch.compile of the model, channels_last memory format (the fused AdamW kernel: train.optimizer.fused).
     compile: bool = Field(False, description="torch.compile the model")
     channels_last: bool = Field(False, description="channels_last memory format")
+    lora: LoraConfig = LoraConfig()
 
 
 class DistributedConfig(Section):

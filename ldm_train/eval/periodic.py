@@ -1,6 +1,6 @@
 """Evaluation during training: every ``train.eval_every`` steps (and at the end), on the EMA
-weights, sample the fixed prompts with a fixed seed (split across ranks), decode, and write a
-captioned grid PNG to ``{run}/samples/step-N.png``, to TensorBoard through the training's writers
+weights (with ``train.lora``: the frozen base with the EMA of the adapter applied), sample the fixed
+prompts with a fixed seed (split across ranks), decode, and write a captioned grid PNG to ``{run}/samples/step-N.png``, to TensorBoard through the training's writers
 and a record with FID/KID/CLIP (where their weights are configured) and the protocol to the
 metrics log.
 """
@@ -20,6 +20,7 @@ from ..config import Config, EvalConfig
 from ..diffusion import build_schedule
 from ..latents.cache import load_latents, read_manifest
 from ..text import load_text
+from ..train.lora import has_adapter, rank_alpha
 from ..train.telemetry import Writers
 from ..utils.images import image_grid
 from ..utils.runs import MetricsLog
@@ -62,6 +63,7 @@ def make_periodic_eval(
     scales = list(eval_cfg.guidance_sweep) or [eval_cfg.guidance_scale]
 
     def evaluate(step: int, ema_model: torch.nn.Module, writers: Writers) -> dict:
+        adapter = "rank {}, alpha {:g}".format(*rank_alpha(ema_model)) if has_adapter(ema_model) else None
         pipe = dataclasses.replace(frozen, unet=ema_model.eval(), source=f"EMA at step {step}")
         records = {}
         for scale in scales:
@@ -72,11 +74,11 @@ def make_periodic_eval(
             if accelerator.is_main_process:
                 suffix = f"-cfg{scale:g}" if len(scales) > 1 else ""
                 grid = _write_grid(run_dir, step, suffix, images, captions, cfg, writers)
-                records[scale] = _record(step, grid, images, captions, cfg, seconds)
+                records[scale] = _record(step, grid, images, captions, cfg, seconds, adapter)
                 log.write(**records[scale])
         return records
 
-    def _record(step, grid, images, captions, cfg, seconds) -> dict:
+    def _record(step, grid, images, captions, cfg, seconds, adapter) -> dict:
         return {
             "stage": "eval",
             "step": step,
@@ -85,6 +87,7 @@ def make_periodic_eval(
             "seconds": round(seconds, 2),
             "protocol": {
                 "weights": "EMA",
+                "adapter": adapter,  # LoRA: "rank R, alpha A" (the EMA is the adapter's), else None
                 "sampler": cfg.sampler,
                 "sampler_settings": cfg.sampler_settings(),  # beyond the sampler's defaults
                 "steps": cfg.steps,

@@ -24,6 +24,7 @@ from ..model.load import read_unet
 from ..pretrained.scheduler import schedule_keys
 from ..text import TextEncoder, load_text, load_text_components
 from ..train.checkpoint import load_weights, pick_checkpoint, split_step_folder
+from ..train.lora import apply_adapter, base_unet, checkpoint_adapter
 
 DIFFUSION_FILE = "ldm_train_diffusion.json"
 
@@ -84,14 +85,19 @@ def _from_run(folder: Path, device, step: int | None) -> Pipeline:
     if ckpt is None:
         raise PipelineError(f"run folder {folder} has no complete checkpoint under checkpoints/; train first")
     manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
+    if cfg.train.lora.enabled:  # the frozen base as training built it + the EMA adapter
+        unet = apply_adapter(base_unet(cfg.model, cfg.run.seed), checkpoint_adapter(ckpt, "ema"), cfg.train.lora)
+        unet = unet.to(device)
+    else:
+        unet = _unet(cfg.model, load_weights(ckpt, "ema"), device)
     return Pipeline(
-        _unet(cfg.model, load_weights(ckpt, "ema"), device),
+        unet,
         load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),
         load_text(cfg.text, cfg.path(cfg.text.dir)).to(device),
         build_schedule(cfg.diffusion),
         cfg.diffusion,
         manifest["latent_shape"],
-        f"run {folder} ({ckpt.name}, EMA)",
+        f"run {folder} ({ckpt.name}, EMA{' LoRA adapter' if cfg.train.lora.enabled else ''})",
     )
 
 

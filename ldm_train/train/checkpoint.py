@@ -6,10 +6,13 @@ file                           written by  holds
 ``state.json``                 rank 0      step and sample counters, skipped steps, world
                                            size, strategy, EMA decays and update count,
                                            LR-scheduler and grad-scaler state (DDP)
-``model.safetensors``          rank 0      the raw weights, full (gathered under ZeRO-3)
+``model.safetensors``          rank 0      the raw weights, full (gathered under ZeRO-3); with
+                                           ``train.lora`` the adapter only (PEFT key names,
+                                           metadata ``lora_rank``, ``lora_alpha``, ...)
 ``optimizer.pt``               rank 0      DDP: AdamW state (read with ``weights_only=True``)
 ``deepspeed/``                 every rank  ZeRO: DeepSpeed's partitioned model/optimizer/LR
-                                           state (``engine.save_checkpoint``)
+                                           state (``engine.save_checkpoint``; LoRA: the
+                                           frozen base left out)
 ``ema-RRRRR-of-WWWWW``         each rank   its EMA chunk per decay (one file when unsharded)
 ``.safetensors``
 ``rank-RRRRR.safetensors``     each rank   torch/CUDA RNG states, the data and noise
@@ -132,8 +135,8 @@ def finish_save(ckpt_root: Path, step: int, keep_last: int, milestones: list[int
     return final
 
 
-def save_model_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
-    save_file(_cpu(weights), str(folder / "model.safetensors"))
+def save_model_weights(folder: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file(_cpu(weights), str(folder / "model.safetensors"), metadata=metadata)
 
 
 def save_json(folder: Path, name: str, state: dict) -> None:

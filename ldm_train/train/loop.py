@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_objective, build_schedule
-from ..model import build_unet, load_unet_weights
+from ..model import build_unet
 from ..utils.runs import MetricsLog
 from .batches import MemoryBatches, StreamBatches
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
+from .lora import add_adapter, base_unet, load_adapter, read_adapter_file, trainable_parameters
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
@@ -46,18 +47,21 @@ class TrainResult:
     nonfinite_skipped: int = 0
 
 
-def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed) -> TrainParts:
+def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed, adapter_init=None) -> TrainParts:
     """Model, optimizer and LR schedule (train.optimizer, train.lr_schedule; see optim.py) and EMA,
     prepared for the strategy. Only the U-Net goes through ``prepare``: the frozen autoencoder and
-    text tower are not part of training at all."""
+    text tower are not part of training at all. With ``train.lora`` the optimizer and the EMA hold
+    the adapter only; ``adapter_init`` (PEFT naming) is a LoRA to continue."""
     check_optimizer(train_cfg, dist_cfg, accelerator.device, accelerator.num_processes)
-    torch.manual_seed(seed)
-    model = build_unet(model_cfg)
-    if model_cfg.init_from is not None:
-        load_unet_weights(model, model_cfg.init_from)  # e.g. a pretrained SD U-Net folder
+    model = base_unet(model_cfg, seed, fork=False)  # init_from: e.g. a pretrained SD U-Net folder
+    if train_cfg.lora.enabled:  # frozen base + adapter: only the adapter is trainable (lora.py)
+        add_adapter(model, train_cfg.lora)
+        if adapter_init is not None:
+            load_adapter(model, adapter_init)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model.parameters(), train_cfg, deepspeed=is_deepspeed(accelerator), world=accelerator.num_processes)
+    opt = build_optimizer(trainable_parameters(model), train_cfg, deepspeed=is_deepspeed(accelerator),
+                          world=accelerator.num_processes)
     # The scheduler is stepped here once per applied optimizer step, not through Accelerate
     # (whose wrapper steps it once per process, and which DeepSpeed would not step at all).
     sched = build_lr_scheduler(opt, train_cfg)
@@ -138,6 +142,7 @@ def train_denoiser(
     eval_fn: EvalFn | None = None,
     resume_from: Path | None = None,
     objective: Callable | None = None,
+    adapter_init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent batches of ``batches`` (the caller picks the source, see
     :func:`~ldm_train.train.batches.training_batches`); returns (model, EMA, summary). Checkpoints go to
@@ -145,8 +150,11 @@ def train_denoiser(
     ema_model, writers)`` runs every ``train.eval_every`` steps and at the end, on every rank, and
     writes through the run's one :class:`Writers`. Raises :class:`Preempted` after saving when
     SIGUSR1/SIGTERM arrives. ``objective`` replaces the configured training objective (tests
-    inject faults with it)."""
-    parts = build_parts(model, train, distributed, accelerator, batches, seed)
+    inject faults with it). ``adapter_init``: the LoRA ``train.lora.init_from`` names, already read
+    (PEFT naming; the stage converts kohya files); None reads a PEFT/diffusers file itself."""
+    if adapter_init is None and train.lora.enabled and train.lora.init_from is not None and resume_from is None:
+        adapter_init = read_adapter_file(train.lora.init_from)
+    parts = build_parts(model, train, distributed, accelerator, batches, seed, adapter_init)
     if resume_from is not None:
         restore_training_state(parts, resume_from, distributed.strategy)
     device, total, gas = accelerator.device, train.steps, distributed.gradient_accumulation_steps
@@ -201,7 +209,7 @@ def train_denoiser(
                 ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
             every = train.eval_every
             if not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total):
-                eval_fn(done, ema_model(model, parts, device), writers)  # every rank: sampling is split
+                eval_fn(done, ema_model(model, parts, device, train=train, seed=seed), writers)  # every rank: sampling is split
             if stop and done < total:
                 raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
     finally:
@@ -242,8 +250,15 @@ def _log(parts: TrainParts, tel: Telemetry, norm: float) -> float:
     return value
 
 
-def ema_model(model_cfg: ModelConfig, parts: TrainParts, device, index: int = 0) -> torch.nn.Module:
-    """A full model holding EMA ``index`` (sharded EMAs are gathered once: every rank calls this)."""
-    model = build_unet(model_cfg).to(device)
+def ema_model(model_cfg: ModelConfig, parts: TrainParts, device, index: int = 0, *,
+              train: TrainConfig | None = None, seed: int = 0) -> torch.nn.Module:
+    """A full model holding EMA ``index`` (sharded EMAs are gathered once: every rank calls this).
+    With ``train.lora``: the frozen base rebuilt as training built it (``seed``, ``model.init_from``)
+    with the EMA of the adapter applied."""
+    with torch.random.fork_rng(devices=[]):  # building draws init values: keep the training's RNG stream
+        if train is not None and train.lora.enabled:
+            model = add_adapter(base_unet(model_cfg, seed), train.lora).to(device)
+        else:
+            model = build_unet(model_cfg).to(device)
     parts.ema.copy_to(model, index, gather_chunks(parts.accelerator))
-    return model.eval()
+    return model.eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from ..errors import UserError
 from . import checkpoint as ck
 from .ema import EMA
+from .lora import has_adapter, load_adapter, rank_alpha, select_adapter
 from .strategy import is_deepspeed
 
 DS_TAG = "state"
@@ -61,14 +62,18 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
     acc.wait_for_everyone()
     tmp = ck.step_dir(ckpt_root, step, tmp=True)
     deepspeed = is_deepspeed(acc)
-    if deepspeed:
-        parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG)  # every rank writes its partition
+    adapter = has_adapter(acc.unwrap_model(parts.model))
+    if deepspeed:  # every rank writes its partition; a LoRA's frozen base is rebuilt on resume, not saved
+        parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
     weights = acc.get_state_dict(parts.model)  # a collective under ZeRO-3 (gathered to rank 0)
     if acc.is_main_process:
-        ck.save_model_weights(tmp, weights)
+        if adapter:
+            ck.save_model_weights(tmp, select_adapter(weights), adapter_metadata(acc.unwrap_model(parts.model)))
+        else:
+            ck.save_model_weights(tmp, weights)
         if not deepspeed:
             torch.save(parts.optimizer.state_dict(), tmp / "optimizer.pt")
-        state = dict(asdict(parts.counters), world_size=acc.num_processes, **extra)
+        state = dict(asdict(parts.counters), world_size=acc.num_processes, lora=adapter, **extra)
         state["ema"] = {"decays": parts.ema.decays, "num_updates": parts.ema.num_updates, "world": parts.ema.layout.world}
         state["lr_scheduler"] = parts.scheduler.state_dict()
         if not deepspeed:
@@ -84,6 +89,12 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
         ck.finish_save(ckpt_root, step, keep_last, milestones)
     acc.wait_for_everyone()
     return final
+
+
+def adapter_metadata(module: torch.nn.Module) -> dict[str, str]:
+    """What a LoRA file reader needs beside the tensors (safetensors metadata is str -> str)."""
+    rank, alpha = rank_alpha(module)
+    return {"format": "peft_lora", "lora_rank": str(rank), "lora_alpha": repr(alpha)}
 
 
 def check_compatible(ckpt: Path, parts: TrainParts, strategy: str) -> dict:
@@ -108,10 +119,18 @@ def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None
     """Load ``ckpt`` into ``parts`` (every rank calls this)."""
     state = check_compatible(ckpt, parts, strategy)
     acc = parts.accelerator
-    if is_deepspeed(acc):
-        parts.model.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG)
+    module = acc.unwrap_model(parts.model)
+    adapter = has_adapter(module)
+    if adapter != state.get("lora", False):
+        raise ResumeError(f"{ckpt} was saved {'with' if state.get('lora') else 'without'} train.lora; this run "
+                          f"trains {'a LoRA adapter' if adapter else 'full weights'}")
+    if is_deepspeed(acc):  # LoRA: the checkpoint has the adapter only, the base is already in place
+        parts.model.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG, load_module_strict=not adapter)
     else:
-        acc.unwrap_model(parts.model).load_state_dict(ck.load_weights(ckpt, "model"))
+        if adapter:
+            load_adapter(module, ck.load_weights(ckpt, "model"))
+        else:
+            module.load_state_dict(ck.load_weights(ckpt, "model"))
         parts.optimizer.load_state_dict(ck.load_optimizer_state(ckpt))
         if acc.scaler is not None and "grad_scaler" in state:
             acc.scaler.load_state_dict(state["grad_scaler"])
