@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write FILE.safetensors in the original SD 1.x/2.x single-file layout (A1111, ComfyUI; export.dtype)")
     export.add_argument("--diffusers-pipeline", type=Path, default=None, metavar="DIR",
                         help="also assemble a diffusers StableDiffusionPipeline folder in DIR")
+    export.add_argument("--lora-format", choices=("diffusers", "kohya", "both"), default=None,
+                        help="a LoRA run: its EMA adapter into {out}/lora/ as diffusers' pytorch_lora_weights.safetensors, "
+                             "kohya's kohya_lora.safetensors (A1111, ComfyUI) or both (the default)")
+    export.add_argument("--merge", action="store_true",
+                        help="a LoRA run: the export (and --single-file) holds the merged full U-Net, not the base")
     _common(export)
 
     conv = sub.add_parser("convert", help="convert a U-Net folder (diffusers <-> ldm_train) or a whole SD checkpoint "
@@ -210,7 +215,8 @@ def _eval(stages, args: argparse.Namespace, cfg: Config) -> dict:
 
 def _export(stages, args: argparse.Namespace, cfg: Config) -> dict:
     out = args.out if args.out is not None else cfg.path(cfg.export.dir)
-    summary = stages.export_stage(cfg, out, args.overwrite, args.checkpoint, args.step, args.single_file)
+    summary = stages.export_stage(cfg, out, args.overwrite, args.checkpoint, args.step, args.single_file,
+                                  args.lora_format, args.merge)
     if args.diffusers_pipeline is not None:
         summary.update(stages.sd_pipeline_stage(out, args.diffusers_pipeline, args.overwrite))
     return summary

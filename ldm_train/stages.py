@@ -254,13 +254,18 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
 
 
 def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | None = None, step: int | None = None,
-                 single_file: Path | None = None) -> dict:
+                 single_file: Path | None = None, lora_format: str | None = None, merge: bool = False) -> dict:
     """The EMA weights of ``checkpoint`` (a run folder, default ``{run}``; ``step``: which
-    checkpoint, default the latest) -> an inference folder, and optionally one single file."""
+    checkpoint, default the latest) -> an inference folder, and optionally one single file.
+    A LoRA run's EMA adapter goes to ``{out}/lora/`` (``lora_format``: diffusers, kohya or both, the
+    default); the folder holds the base U-Net, or with ``merge`` the merged one (single file too)."""
+    import dataclasses
+
     import torch
 
     from .eval.pipeline import PipelineError, load_pipeline
     from .export.export import export_pipeline, export_single_file, is_diffusers_pipeline
+    from .export.lora import merge_lora, plain_model, residual_init, sd_family, split_adapter, write_lora_export
     from .train.checkpoint import latest_checkpoint, split_step_folder
     from .utils.runs import check_output
 
@@ -273,11 +278,24 @@ def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | Non
     if not (source / "model_index.json").is_file() and latest_checkpoint(source / "checkpoints") is None:
         raise PipelineError(NO_CHECKPOINT.format(source / "checkpoints"))
     pipe = load_pipeline(checkpoint if checkpoint is not None else source, torch.device("cpu"), step)
+    base, lora = split_adapter(pipe.unet)
+    if lora is None and (merge or lora_format is not None):
+        raise UserError(f"export --merge/--lora-format: {pipe.source} is not a LoRA run (train.lora.enabled)")
+    residual = lora is not None and residual_init(pipe.unet)
+    if residual and not merge:  # its adapter only fits the residual base that init changed
+        raise UserError(f"export: a train.lora.init {residual} adapter is relative to the base it changed; "
+                        "export it with --merge (full weights)")
+    if lora is not None:
+        pipe = dataclasses.replace(pipe, unet=plain_model(pipe.unet, merge_lora(base, lora) if merge else base))
     export_pipeline(out, pipe, cfg.export.dtype)
     diffusers = is_diffusers_pipeline(out)
     summary = {"export": str(out), "from": pipe.source,
                "format": "diffusers StableDiffusionPipeline" if diffusers else
                          "ldm_train (open_clip text tower; --diffusers-pipeline DIR converts it for diffusers)"}
+    if lora is not None and not residual:
+        family = sd_family(pipe.unet.config["cross_attention_dim"], pipe.diffusion.prediction_type)
+        summary["lora"] = [str(p) for p in write_lora_export(out / "lora", lora, lora_format or "both", family)]
+        summary["merged"] = merge
     if single_file is not None:
         summary["single_file"] = str(export_single_file(out, single_file, cfg.export.dtype))
     return summary

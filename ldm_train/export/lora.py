@@ -399,3 +399,66 @@ def merge_lora(base_state: dict[str, torch.Tensor], lora: LoraFile, part: str = 
         delta = (b.flatten(1) @ a.flatten(1)).view(w.shape)
         out[key] = (w.float() + lora.scale * delta).to(w.dtype)
     return out
+
+
+# ------------------------------------------------------------------------------ export of a LoRA run
+KOHYA_FILE = "kohya_lora.safetensors"  # next to diffusers' file in {export}/lora/: diffusers picks its own by name
+FORMATS = ("diffusers", "kohya", "both")
+RESIDUAL_INITS = ("pissa", "olora")  # these move part of W into the adapter: the base is not the original
+
+
+def split_adapter(model: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, LoraFile | None]:
+    """A PEFT-injected model -> (its base weights under the plain model's names, its adapter), or
+    (its state dict, None) when it has no adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
+    state = model.state_dict()
+    if not layers:
+        return state, None
+    found = sorted({(int(m.r[adapter_name]), float(m.lora_alpha[adapter_name])) for m in layers})
+    if len(found) > 1:
+        raise LoraFormatError(f"the adapter has several (rank, alpha): {found}; the LoRA formats here take one")
+    base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    adapter = peft_adapter({k: v for k, v in state.items() if ".lora_" in k}, adapter_name)
+    rank, alpha = found[0]
+    return base, adapter_lora(adapter, rank=rank, alpha=alpha)
+
+
+def residual_init(model: torch.nn.Module, adapter_name: str = "default") -> str | None:
+    """``pissa``/``olora`` when the adapter was initialised from the base weights (which it changed)."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    init = str(getattr(config, "init_lora_weights", ""))
+    return next((r for r in RESIDUAL_INITS if init.startswith(r)), None)
+
+
+def plain_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A U-Net of ``model``'s architecture (ours, without PEFT layers) holding ``state``."""
+    from ..config import ModelConfig
+    from ..model import build_unet
+
+    unet = build_unet(ModelConfig.model_validate(model.config))
+    unet.load_state_dict(state)
+    return unet.eval().requires_grad_(False)
+
+
+def sd_family(cross_attention_dim: int, prediction_type: str) -> str:
+    """kohya's model version for ``ss_*`` metadata: SD 2.x conditions on 1024-wide OpenCLIP states."""
+    if cross_attention_dim != 1024:
+        return "sd1"
+    return "sd2-v" if prediction_type in ("v", "v_prediction") else "sd2"
+
+
+def write_lora_export(folder: Path, lora: LoraFile, formats: str = "both", family: str = "sd1") -> list[Path]:
+    """``folder`` (``{export}/lora``): diffusers' ``pytorch_lora_weights.safetensors`` and/or
+    :data:`KOHYA_FILE`; returns the files."""
+    if formats not in FORMATS:
+        raise LoraFormatError(f"--lora-format must be one of {', '.join(FORMATS)}, not {formats!r}")
+    folder = Path(folder)
+    files = []
+    if formats in ("diffusers", "both"):
+        files.append(save_diffusers_lora(folder, lora.unet, lora.text, rank=lora.rank, alpha=lora.alpha))
+    if formats in ("kohya", "both"):
+        files.append(save_kohya_lora(folder / KOHYA_FILE, lora.unet, lora.text, rank=lora.rank, alpha=lora.alpha,
+                                     family=family))
+    return files

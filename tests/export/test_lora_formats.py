@@ -302,3 +302,57 @@ def test_bad_files_refused(sd1, tmp_path):
     refused(LoraFormatError, lambda: save_kohya_lora(tmp_path / "r.safetensors", lora.unet, rank=0, alpha=1), "rank")
     refused(LoraFormatError, lambda: save_diffusers_lora(tmp_path / "r", lora.unet, rank=2, alpha=1), "rank-2 pair")
     refused(LoraFormatError, lambda: save_kohya_lora(tmp_path / "r.pt", lora.unet, rank=RANK, alpha=1), ".safetensors")
+
+
+def lora_pipeline(folder):
+    """Our pipeline for the tiny SD folder with a random PEFT adapter injected into its U-Net (ours),
+    as eval.pipeline builds a LoRA run's (train.lora: PEFT's inject_adapter_in_model, adapter "default")."""
+    from ldm_train.eval.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder, torch.device("cpu"))
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_TARGETS, init_lora_weights=False)
+    inject_adapter_in_model(config, pipe.unet, adapter_name="default")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return pipe
+
+
+def test_export_stage_writes_lora_run(sd1, tmp_path, monkeypatch):
+    """export of a LoRA run: {out}/lora/ holds both formats; without --merge the export is the base and
+    diffusers' pipeline + load_lora_weights(lora/) = our PEFT-adapted U-Net (1e-5); with --merge the
+    export is the merged U-Net (1e-5) and --single-file holds exactly its weights; a run without an
+    adapter refuses --merge."""
+    import ldm_train.eval.pipeline as pipeline_module
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import load_file
+
+    from ldm_train import stages
+    from ldm_train.config import Config
+    from ldm_train.errors import UserError
+
+    folder = sd1[0]
+    pipe = lora_pipeline(folder)
+    monkeypatch.setattr(pipeline_module, "load_pipeline", lambda *a, **k: pipe)
+    x, t, ctx = unet_inputs()
+    with torch.no_grad():
+        want = pipe.unet(x, t, ctx)
+    for merge in (False, True):
+        out, single = tmp_path / f"export-{merge}", tmp_path / "sd.safetensors"
+        summary = stages.export_stage(Config(), out, False, folder, single_file=single if merge else None, merge=merge)
+        assert summary["lora"] == [str(out / "lora" / LORA_WEIGHT_NAME), str(out / "lora" / "kohya_lora.safetensors")]
+        exported = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+        if not merge:
+            base = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+            assert all(torch.equal(v, base[k]) for k, v in exported.unet.state_dict().items())
+            exported.load_lora_weights(out / "lora")
+        with torch.no_grad():
+            assert max_diff(exported.unet(x, t, ctx).sample, want) < 1e-5, (merge, max_diff(exported.unet(x, t, ctx).sample, want))
+        assert load_lora(out / "lora" / "kohya_lora.safetensors").rank == RANK
+    theirs = convert_ldm_unet_checkpoint(load_file(str(single)), dict(exported.unet.config))
+    assert all(torch.equal(theirs[k], v) for k, v in exported.unet.state_dict().items())
+    plain = pipeline_module.Pipeline(**{**vars(pipe), "unet": exported.unet})
+    monkeypatch.setattr(pipeline_module, "load_pipeline", lambda *a, **k: plain)
+    refused(UserError, lambda: stages.export_stage(Config(), tmp_path / "e", False, folder, merge=True), "not a LoRA run")
