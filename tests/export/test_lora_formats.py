@@ -349,7 +349,8 @@ def test_export_stage_writes_lora_run(sd1, tmp_path, monkeypatch):
             assert all(torch.equal(v, base[k]) for k, v in exported.unet.state_dict().items())
             exported.load_lora_weights(out / "lora")
         with torch.no_grad():
-            assert max_diff(exported.unet(x, t, ctx).sample, want) < 1e-5, (merge, max_diff(exported.unet(x, t, ctx).sample, want))
+            diff = max_diff(exported.unet(x, t, ctx).sample, want)
+        assert diff < 1e-5, (merge, diff)
         assert load_lora(out / "lora" / "kohya_lora.safetensors").rank == RANK
     theirs = convert_ldm_unet_checkpoint(load_file(str(single)), dict(exported.unet.config))
     assert all(torch.equal(theirs[k], v) for k, v in exported.unet.state_dict().items())
