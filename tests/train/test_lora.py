@@ -257,8 +257,9 @@ def test_two_processes_train_the_adapter_and_resume_exactly(micro_run, tmp_path,
     run = copy_run(micro_run, tmp_path / "run")
     common = ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.lora.dropout=0.1",
               f"distributed.strategy={strategy}"]
-    proc = run_ok(torchrun_train(run, *common), tmp_path)
-    assert str(REPO / "ldm_train") in proc.stdout + proc.stderr or True
+    where = run_ok([sys.executable, "-c", "import ldm_train; print(ldm_train.__file__)"], tmp_path)
+    assert where.stdout.strip() == str(REPO / "ldm_train" / "__init__.py")  # the ranks run this checkout's code
+    run_ok(torchrun_train(run, *common), tmp_path)
     ckpt = run / "checkpoints" / "step-0000004"
     first = ckpt_tensors(ckpt)
     shutil.move(ckpt, tmp_path / "first")
