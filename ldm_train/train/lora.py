@@ -225,3 +225,12 @@ def checkpoint_adapter(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor
     if not state or not all(is_adapter_key(k) for k in state):
         raise LoraError(f"checkpoint {ckpt} holds full U-Net weights, not a LoRA adapter")
     return state
+
+
+def check_continued(cfg: LoraConfig, rank: int, alpha: float, source: str) -> None:
+    """A LoRA to continue (``train.lora.init_from``) must have this run's rank and alpha: the shapes
+    would not fit, and another alpha would silently rescale what it learnt."""
+    mine = cfg.alpha if cfg.alpha is not None else cfg.rank
+    if rank != cfg.rank or float(alpha) != float(mine):
+        raise LoraError(f"train.lora.init_from {source} has rank {rank}, alpha {alpha:g}; this run has "
+                        f"train.lora.rank={cfg.rank}, train.lora.alpha={mine:g}: set them to the file's")

@@ -24,7 +24,7 @@ from ldm_train.latents.cache import LatentData
 from ldm_train.train import checkpoint as ck
 from ldm_train.train.batches import MemoryBatches
 from ldm_train.train.lora import (LoraError, adapter_state, add_adapter, apply_adapter, base_unet,
-                                  checkpoint_adapter, rank_alpha, read_adapter_file)
+                                  check_continued, checkpoint_adapter, rank_alpha, read_adapter_file)
 from ldm_train.train.loop import make_accelerator, train_denoiser
 from ldm_train.train.resume import ResumeError
 from ldm_train.utils.runs import MetricsLog
@@ -173,6 +173,8 @@ def test_refusals(micro_run, micro_latents, tmp_path, capsys):
     wide = {k: torch.cat([v, v]) if ".lora_A." in k else v for k, v in state.items()}
     with pytest.raises(LoraError, match="has shape"):
         apply_adapter(base_unet(micro_run.cfg.model, 0), wide, lora_cfg(micro_run))
+    with pytest.raises(LoraError, match="has rank 4, alpha 4; this run has train.lora.rank=4, train.lora.alpha=8"):
+        check_continued(lora_cfg(micro_run), 4, 4.0, "x.safetensors")
     run = copy_run(micro_run, tmp_path / "run")  # through the CLI: one line, exit 2
     assert main(["train", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true", *LORA,
                  "train.lora.target_modules=[to_q,attn_1]"]) == 2
