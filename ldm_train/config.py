@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -351,17 +351,14 @@ class LoraConfig(Section):
     init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = Field(
         "default", description="PEFT init_lora_weights: default (kaiming A, zero B), gaussian, orthogonal (even rank, "
                                "linear only), pissa or olora (these two move the principal part out of the base weights)")
-    text_encoder: bool = Field(False, description="also a LoRA on the text encoder (not supported yet: refused)")
+    text_encoder: bool = Field(
+        False, description="also a LoRA on the text encoder (text.encoder: transformers; needs latents.text: tokens, "
+                           "the tower then runs per batch)")
+    text_target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1,
+        description="with text_encoder: module names (suffixes of CLIPTextModel module paths) that get an adapter")
     init_from: str | None = Field(
         None, description="an existing LoRA (PEFT/diffusers or kohya .safetensors) to continue training")
-
-    @field_validator("text_encoder")
-    @classmethod
-    def _text_encoder_not_yet(cls, value: bool) -> bool:
-        if value:  # the loop trains on cached embeddings; a trained encoder needs cached tokens + encoding per batch
-            raise ValueError("not supported yet: text-encoder LoRA needs latents.text: tokens and the text encoder "
-                             "run per batch in the loop; train the U-Net's adapter only (text_encoder: false)")
-        return value
 
 
 class TrainConfig(Section):
@@ -533,6 +530,14 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _text_lora_needs_tokens(self) -> "Config":
+        lora = self.train.lora
+        if lora.text_encoder and self.latents.text != "tokens":
+            raise ValueError("train.lora.text_encoder: true trains the text encoder, so its embeddings cannot be "
+                             f"cached: set latents.text: tokens (not {self.latents.text}) and encode again")
+        return self
 
     def path(self, template: str) -> Path:
         """Expand ``{run}`` in a path template; every ``*.dir``/``*.path`` key goes through here."""
@@ -920,6 +925,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             origin = _origin(key, from_override, source)
             if err["type"] == "extra_forbidden":
                 msg = "unknown key" + suggest(key)
+            elif not err["loc"]:  # a check across sections (Config's model validator): its message names the keys
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}  [in {source}]")
+                continue
             else:
                 msg = f"{err['msg']} (got {err.get('input')!r}){_yaml_read(tuple(err['loc']), err.get('input'), words)}"
             lines.append(f"  {key}: {msg}  [in {origin}]")

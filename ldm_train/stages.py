@@ -144,11 +144,16 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     accelerator.wait_for_everyone()
     log = MetricsLog(run / "metrics.jsonl")
     eval_fn = periodic_eval(cfg, accelerator, log) if cfg.train.eval_every > 0 else None
+    text = None
+    if cfg.train.lora.enabled and cfg.train.lora.text_encoder:  # the tower trains with its adapter: run per batch
+        from .text import load_text
+
+        text = load_text(cfg.text, cfg.path(cfg.text.dir)).to(accelerator.device)
     try:
         model, ema, result = train_denoiser(
             model=cfg.model, diffusion=cfg.diffusion, train=cfg.train, distributed=cfg.distributed,
             accelerator=accelerator, batches=batches, run_dir=run, seed=cfg.run.seed, log=log, eval_fn=eval_fn,
-            resume_from=resume,
+            resume_from=resume, text=text,
         )
     except Preempted as e:
         if accelerator.is_main_process:
@@ -265,7 +270,9 @@ def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | Non
 
     from .eval.pipeline import PipelineError, load_pipeline
     from .export.export import export_pipeline, export_single_file, is_diffusers_pipeline
-    from .export.lora import merge_lora, plain_model, residual_init, sd_family, split_adapter, write_lora_export
+    from .export.lora import (merge_lora, plain_model, plain_text, residual_init, sd_family, split_adapter, with_text,
+                              write_lora_export)
+    from .text.hf import HFTextEncoder
     from .train.checkpoint import latest_checkpoint, split_step_folder
     from .utils.runs import check_output
 
@@ -287,6 +294,12 @@ def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | Non
                         "export it with --merge (full weights)")
     if lora is not None:
         pipe = dataclasses.replace(pipe, unet=plain_model(pipe.unet, merge_lora(base, lora) if merge else base))
+    text_base, text_lora = split_adapter(pipe.text.model) if isinstance(pipe.text, HFTextEncoder) else (None, None)
+    if lora is not None and text_lora is not None:  # train.lora.text_encoder: the text adapter too
+        lora = with_text(lora, text_lora)
+        model = plain_text(pipe.text.model, merge_lora(text_base, lora, "text") if merge else text_base)
+        text = pipe.text
+        pipe = dataclasses.replace(pipe, text=HFTextEncoder(model, text.tokenizer, text.layer, text.source_layers))
     export_pipeline(out, pipe, cfg.export.dtype)
     diffusers = is_diffusers_pipeline(out)
     summary = {"export": str(out), "from": pipe.source,

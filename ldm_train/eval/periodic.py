@@ -20,7 +20,8 @@ from ..config import Config, EvalConfig
 from ..diffusion import build_schedule
 from ..latents.cache import load_latents, read_manifest
 from ..text import load_text
-from ..train.lora import has_adapter, rank_alpha
+from ..text.hf import HFTextEncoder
+from ..train.lora import TextConditioned, has_adapter, rank_alpha
 from ..train.telemetry import Writers
 from ..utils.images import image_grid
 from ..utils.runs import MetricsLog
@@ -65,6 +66,9 @@ def make_periodic_eval(
     def evaluate(step: int, ema_model: torch.nn.Module, writers: Writers) -> dict:
         adapter = "rank {}, alpha {:g}".format(*rank_alpha(ema_model)) if has_adapter(ema_model) else None
         pipe = dataclasses.replace(frozen, unet=ema_model.eval(), source=f"EMA at step {step}")
+        if isinstance(ema_model, TextConditioned):  # train.lora.text_encoder: the tower with its EMA adapter
+            text = HFTextEncoder(ema_model.text, frozen.text.tokenizer, frozen.text.layer, frozen.text.source_layers)
+            pipe = dataclasses.replace(pipe, unet=ema_model.unet, text=text)
         records = {}
         for scale in scales:
             t0 = time.time()

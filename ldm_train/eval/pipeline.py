@@ -24,7 +24,7 @@ from ..model.load import read_unet
 from ..pretrained.scheduler import schedule_keys
 from ..text import TextEncoder, load_text, load_text_components
 from ..train.checkpoint import load_weights, pick_checkpoint, split_step_folder
-from ..train.lora import apply_adapter, base_unet, checkpoint_adapter
+from ..train.lora import apply_adapter, base_unet, checkpoint_adapter, split_parts, text_with_adapter
 
 DIFFUSION_FILE = "ldm_train_diffusion.json"
 
@@ -85,15 +85,19 @@ def _from_run(folder: Path, device, step: int | None) -> Pipeline:
     if ckpt is None:
         raise PipelineError(f"run folder {folder} has no complete checkpoint under checkpoints/; train first")
     manifest = read_manifest(cfg.path(cfg.latents.dir) / "train")
-    if cfg.train.lora.enabled:  # the frozen base as training built it + the EMA adapter
-        unet = apply_adapter(base_unet(cfg.model, cfg.run.seed), checkpoint_adapter(ckpt, "ema"), cfg.train.lora)
+    text = load_text(cfg.text, cfg.path(cfg.text.dir))
+    if cfg.train.lora.enabled:  # the frozen base as training built it + the EMA adapter(s)
+        unet_state, text_state = split_parts(checkpoint_adapter(ckpt, "ema"))
+        unet = apply_adapter(base_unet(cfg.model, cfg.run.seed), unet_state, cfg.train.lora)
         unet = unet.to(device)
+        if cfg.train.lora.text_encoder:  # the text tower with its EMA adapter: prompts and the null caption
+            text = text_with_adapter(text, text_state, cfg.train.lora)
     else:
         unet = _unet(cfg.model, load_weights(ckpt, "ema"), device)
     return Pipeline(
         unet,
         load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),
-        load_text(cfg.text, cfg.path(cfg.text.dir)).to(device),
+        text.to(device),
         build_schedule(cfg.diffusion),
         cfg.diffusion,
         manifest["latent_shape"],

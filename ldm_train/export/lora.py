@@ -424,6 +424,24 @@ def split_adapter(model: torch.nn.Module, adapter_name: str = "default") -> tupl
     return base, adapter_lora(adapter, rank=rank, alpha=alpha)
 
 
+def with_text(lora: LoraFile, text_lora: LoraFile | None) -> LoraFile:
+    """The U-Net adapter ``lora`` with the text encoder's (``split_adapter`` of the CLIPTextModel) added
+    as its text part; one (rank, alpha) for both, as the formats take one."""
+    if text_lora is None:
+        return lora
+    if (text_lora.rank, text_lora.alpha) != (lora.rank, lora.alpha):
+        raise LoraFormatError(f"the text adapter has rank {text_lora.rank}, alpha {text_lora.alpha:g}, the U-Net's "
+                              f"rank {lora.rank}, alpha {lora.alpha:g}; the LoRA formats here take one")
+    return adapter_lora(lora.unet, text_lora.unet, rank=lora.rank, alpha=lora.alpha)
+
+
+def plain_text(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A CLIPTextModel of ``model``'s config (without PEFT layers) holding ``state``."""
+    text = type(model)(model.config)
+    text.load_state_dict(state)
+    return text.eval().requires_grad_(False)
+
+
 def residual_init(model: torch.nn.Module, adapter_name: str = "default") -> str | None:
     """``pissa``/``olora`` when the adapter was initialised from the base weights (which it changed)."""
     config = getattr(model, "peft_config", {}).get(adapter_name)

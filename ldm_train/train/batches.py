@@ -20,19 +20,22 @@ class MemoryBatches:
     the whole data state. Latents are fresh draws ``z ~ N(mean, std^2)`` from the cached
     posterior, scaled to the diffusion latent space."""
 
-    def __init__(self, data: LatentData, batch_size: int, seed: int, rank: int):
+    def __init__(self, data: LatentData, batch_size: int, seed: int, rank: int, tokens: bool = False):
         self.data = data
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + rank)
         self.manifest = data.manifest
+        self.tokens = check_text(data.manifest, tokens, data.manifest.get("dir", "the latent cache"))
         self.null_context = data.null_context
-        self.context_shape = list(data.context.shape[1:])
+        self.context_shape = list((data.tokens if self.tokens else data.context).shape[1:])
         self.scale = data.manifest["scaling_factor"]
         self.shift = data.manifest["shift_factor"]
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator)
         z = to_latent(self.data.mean[idx], self.data.std[idx], self.scale, self.shift, generator=self.generator)
+        if self.tokens:  # the caption tokens: the loop's model encodes them (train.lora.text_encoder)
+            return z.to(device), self.data.tokens[idx].to(device, torch.long)
         return z.to(device), self.data.context[idx].to(device, torch.float32)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -51,12 +54,11 @@ class StreamBatches:
     in memory. The state is the loader's (samples yielded: exact across a change of worker
     count) and the generator of the latent draws."""
 
-    def __init__(self, folder: Path, loader_cfg: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int):
-        self.loader = LatentLoader.from_config(folder, loader_cfg, batch_size, seed, rank, world_size)
+    def __init__(self, folder: Path, loader_cfg: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int,
+                 tokens: bool = False):
         self.manifest = read_manifest(folder)
-        if self.manifest.get("text", "embedding") != "embedding":
-            raise DataError(f"latent cache {folder} holds caption tokens only; training needs text embeddings "
-                            "(re-encode with latents.text=embedding)")
+        self.tokens = check_text(self.manifest, tokens, folder)
+        self.loader = LatentLoader.from_config(folder, loader_cfg, batch_size, seed, rank, world_size)
         self.null_context = load_file(str(folder / NULL_CONTEXT))["context"]
         self.context_shape = list(self.manifest["context_shape"])
         self.generator = torch.Generator().manual_seed(seed + rank)
@@ -69,6 +71,8 @@ class StreamBatches:
             self._batches = iter(self.loader)
         batch = next(self._batches)
         z = to_latent(batch["mean"], batch["std"], self.scale, self.shift, generator=self.generator)
+        if self.tokens:
+            return z.to(device), batch["tokens"].to(device, torch.long)
         return z.to(device), batch["context"].to(device, torch.float32)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,11 +86,26 @@ class StreamBatches:
         self._batches = None  # the next batch continues right after the checkpoint's last one
 
 
+def check_text(manifest: dict, tokens: bool, folder) -> bool:
+    """The cache's ``latents.text`` must be what the run trains on: embeddings (a frozen text tower) or,
+    with ``train.lora.text_encoder`` (the tower trains), caption tokens; returns whether tokens."""
+    cached = manifest.get("text", "embedding")
+    if tokens and cached != "tokens":
+        raise DataError(f"latent cache {folder} holds text embeddings; train.lora.text_encoder trains the text "
+                        "encoder on caption tokens (re-encode with latents.text=tokens)")
+    if not tokens and cached != "embedding":
+        raise DataError(f"latent cache {folder} holds caption tokens only; training needs text embeddings "
+                        "(re-encode with latents.text=embedding, or train the text encoder: train.lora.text_encoder)")
+    return tokens
+
+
 def training_batches(
     folder: Path, *, train: TrainConfig, loader: LoaderConfig, seed: int, rank: int, world_size: int
 ) -> MemoryBatches | StreamBatches:
     """The loop's one batch source for the latent split in ``folder``, by ``train.data_source``:
     held in memory (small sets) or streamed from its shards (any size)."""
+    tokens = train.lora.enabled and train.lora.text_encoder
     if train.data_source == "memory":
-        return MemoryBatches(load_latents(folder), train.batch_size, seed, rank)
-    return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size)
+        check_text(read_manifest(folder), tokens, folder)  # before reading the split
+        return MemoryBatches(load_latents(folder), train.batch_size, seed, rank, tokens)
+    return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size, tokens)

@@ -27,7 +27,8 @@ from .batches import MemoryBatches, StreamBatches
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
-from .lora import add_adapter, base_unet, load_adapter, read_adapter_file, trainable_parameters
+from .lora import (add_adapter, base_unet, conditioned, load_adapter, read_adapter_file, split_parts,
+                   trainable_parameters)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
@@ -47,17 +48,26 @@ class TrainResult:
     nonfinite_skipped: int = 0
 
 
-def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed, adapter_init=None) -> TrainParts:
+def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed, adapter_init=None, text=None) -> TrainParts:
     """Model, optimizer and LR schedule (train.optimizer, train.lr_schedule; see optim.py) and EMA,
     prepared for the strategy. Only the U-Net goes through ``prepare``: the frozen autoencoder and
     text tower are not part of training at all. With ``train.lora`` the optimizer and the EMA hold
-    the adapter only; ``adapter_init`` (PEFT naming) is a LoRA to continue."""
+    the adapter only; ``adapter_init`` (PEFT naming) is a LoRA to continue. With
+    ``train.lora.text_encoder`` the prepared model is a :class:`~.lora.TextConditioned` (U-Net + a copy
+    of ``text``'s CLIPTextModel, each with its adapter): both adapters are trained, averaged and saved."""
     check_optimizer(train_cfg, dist_cfg, accelerator.device, accelerator.num_processes)
     model = base_unet(model_cfg, seed, fork=False)  # init_from: e.g. a pretrained SD U-Net folder
     if train_cfg.lora.enabled:  # frozen base + adapter: only the adapter is trainable (lora.py)
         add_adapter(model, train_cfg.lora)
-        if adapter_init is not None:
-            load_adapter(model, adapter_init)
+        unet_init, text_init = split_parts(adapter_init) if adapter_init is not None else (None, {})
+        if unet_init is not None:
+            load_adapter(model, unet_init)
+        if train_cfg.lora.text_encoder:
+            if text is None:
+                raise ValueError("train.lora.text_encoder: the loop needs the text tower (train_denoiser(text=...))")
+            model = conditioned(model, text, train_cfg.lora)
+            if text_init:
+                load_adapter(model.text, text_init)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(trainable_parameters(model), train_cfg, deepspeed=is_deepspeed(accelerator),
@@ -143,6 +153,7 @@ def train_denoiser(
     resume_from: Path | None = None,
     objective: Callable | None = None,
     adapter_init: dict[str, torch.Tensor] | None = None,
+    text=None,
 ) -> tuple[torch.nn.Module, EMA, TrainResult]:
     """Train a U-Net on the latent batches of ``batches`` (the caller picks the source, see
     :func:`~ldm_train.train.batches.training_batches`); returns (model, EMA, summary). Checkpoints go to
@@ -151,18 +162,22 @@ def train_denoiser(
     writes through the run's one :class:`Writers`. Raises :class:`Preempted` after saving when
     SIGUSR1/SIGTERM arrives. ``objective`` replaces the configured training objective (tests
     inject faults with it). ``adapter_init``: the LoRA ``train.lora.init_from`` names, already read
-    (PEFT naming; the stage converts kohya files); None reads a PEFT/diffusers file itself."""
+    (PEFT naming; the stage converts kohya files); None reads a PEFT/diffusers file itself. ``text``: the
+    frozen text tower, needed with ``train.lora.text_encoder`` (the batches then hold caption tokens and
+    the model encodes them with its adapter; classifier-free dropout swaps in the empty caption's tokens)."""
     if adapter_init is None and train.lora.enabled and train.lora.init_from is not None and resume_from is None:
         adapter_init = read_adapter_file(train.lora.init_from)
-    parts = build_parts(model, train, distributed, accelerator, batches, seed, adapter_init)
+    parts = build_parts(model, train, distributed, accelerator, batches, seed, adapter_init, text)
     if resume_from is not None:
         restore_training_state(parts, resume_from, distributed.strategy)
     device, total, gas = accelerator.device, train.steps, distributed.gradient_accumulation_steps
     schedule = build_schedule(diffusion)
     loss_fn = objective or build_objective(diffusion)
-    null = batches.null_context.to(device, torch.float32)
+    tokens = getattr(batches, "tokens", False)  # int token ids stay ints (drop_context swaps rows)
+    null = batches.null_context.to(device, torch.long if tokens else torch.float32)
     step_model = torch.compile(parts.model) if train.compile else parts.model
-    flops = 3 * forward_flops(model, batches.manifest["latent_shape"], batches.context_shape)
+    context_shape = [*batches.context_shape, text.width] if tokens else batches.context_shape
+    flops = 3 * forward_flops(model, batches.manifest["latent_shape"], context_shape)  # the U-Net's
     peak = peak_flops(train, device)
     writers = Writers(train, run_dir, accelerator.is_main_process)
     bar = tqdm(total=total, initial=parts.counters.step, desc="train", unit="step", dynamic_ncols=True,
@@ -209,7 +224,7 @@ def train_denoiser(
                 ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
             every = train.eval_every
             if not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total):
-                eval_fn(done, ema_model(model, parts, device, train=train, seed=seed), writers)  # every rank: sampling is split
+                eval_fn(done, ema_model(model, parts, device, train=train, seed=seed, text=text), writers)  # every rank: sampling is split
             if stop and done < total:
                 raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
     finally:
@@ -251,13 +266,17 @@ def _log(parts: TrainParts, tel: Telemetry, norm: float) -> float:
 
 
 def ema_model(model_cfg: ModelConfig, parts: TrainParts, device, index: int = 0, *,
-              train: TrainConfig | None = None, seed: int = 0) -> torch.nn.Module:
+              train: TrainConfig | None = None, seed: int = 0, text=None) -> torch.nn.Module:
     """A full model holding EMA ``index`` (sharded EMAs are gathered once: every rank calls this).
     With ``train.lora``: the frozen base rebuilt as training built it (``seed``, ``model.init_from``)
-    with the EMA of the adapter applied."""
+    with the EMA of the adapter applied; with ``train.lora.text_encoder`` a TextConditioned (the text
+    tower's CLIPTextModel with the EMA of its adapter too)."""
     with torch.random.fork_rng(devices=[]):  # building draws init values: keep the training's RNG stream
         if train is not None and train.lora.enabled:
-            model = add_adapter(base_unet(model_cfg, seed), train.lora).to(device)
+            model = add_adapter(base_unet(model_cfg, seed), train.lora)
+            if train.lora.text_encoder:
+                model = conditioned(model, text, train.lora)
+            model = model.to(device)
         else:
             model = build_unet(model_cfg).to(device)
     parts.ema.copy_to(model, index, gather_chunks(parts.accelerator))

@@ -234,3 +234,79 @@ def check_continued(cfg: LoraConfig, rank: int, alpha: float, source: str) -> No
     if rank != cfg.rank or float(alpha) != float(mine):
         raise LoraError(f"train.lora.init_from {source} has rank {rank}, alpha {alpha:g}; this run has "
                         f"train.lora.rank={cfg.rank}, train.lora.alpha={mine:g}: set them to the file's")
+
+
+# ---- the text encoder's adapter (train.lora.text_encoder) ----------------------------------------
+
+UNET_PREFIX, TEXT_PREFIX = "unet.", "text."  # a TextConditioned model's parameter names
+
+
+class TextConditioned(torch.nn.Module):
+    """The U-Net and the CLIPTextModel it is conditioned on, as ONE trained module (both with their
+    adapter): ``forward(x_t, t, tokens)`` encodes the caption tokens (int, ``[B, L]``) as
+    :meth:`HFTextEncoder.encode_tokens <ldm_train.text.hf.HFTextEncoder.encode_tokens>` does, with
+    gradients, and calls the U-Net on them. Accelerate/DeepSpeed, the optimizer, the EMA and the
+    checkpoints see one model whose trainable parameters are both adapters (names ``unet.*`` and
+    ``text.*``)."""
+
+    def __init__(self, unet: torch.nn.Module, text: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.text = text
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=tokens.to(torch.long)).last_hidden_state
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, self.encode(tokens))
+
+
+def text_lora(cfg: LoraConfig) -> LoraConfig:
+    """``train.lora`` with the text encoder's targets (same rank, alpha, dropout and init)."""
+    return cfg.model_copy(update={"target_modules": list(cfg.text_target_modules)})
+
+
+def add_text_adapter(text_model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """PEFT LoRA on a (copy of the) transformers CLIPTextModel: ``train.lora.text_target_modules``."""
+    try:
+        return add_adapter(text_model, text_lora(cfg))
+    except LoraError as e:
+        raise LoraError(str(e).replace("train.lora.target_modules", "train.lora.text_target_modules")
+                        .replace("no U-Net module", "no text-encoder module")) from None
+
+
+def text_base(text) -> torch.nn.Module:
+    """A fresh copy of the frozen tower's CLIPTextModel (the base the text adapter goes on); refuses
+    an open_clip tower (its attention is one fused MultiheadAttention, not q/k/v projections)."""
+    import copy
+
+    if getattr(text, "kind", None) != "transformers":
+        raise LoraError("train.lora.text_encoder: true needs text.encoder: transformers (a CLIPTextModel, e.g. "
+                        f"from pretrained=); this run's text tower is {getattr(text, 'kind', type(text).__name__)}")
+    return copy.deepcopy(text.weights_module).train()
+
+
+def conditioned(unet: torch.nn.Module, text, cfg: LoraConfig) -> TextConditioned:
+    """The U-Net (its adapter already added) + a copy of ``text``'s CLIPTextModel with its adapter."""
+    return TextConditioned(unet, add_text_adapter(text_base(text), cfg))
+
+
+def split_parts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A TextConditioned adapter (``unet.*``, ``text.*``) -> (U-Net adapter, text adapter); a U-Net-only
+    adapter -> (itself, {})."""
+    if not any(k.startswith(TEXT_PREFIX) for k in state):
+        return dict(state), {}
+    unet = {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    text = {k.removeprefix(TEXT_PREFIX): v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    return unet, text
+
+
+def text_with_adapter(text, state: dict[str, torch.Tensor], cfg: LoraConfig):
+    """The frozen tower ``text`` (HFTextEncoder) with its CLIPTextModel replaced by a copy carrying the
+    adapter ``state`` (a checkpoint's, exchanged naming): what sampling uses for prompts and the null caption."""
+    from ..text.hf import HFTextEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        model = add_text_adapter(text_base(text), cfg)
+    load_adapter(model, state)
+    return HFTextEncoder(model.eval().requires_grad_(False), text.tokenizer, text.layer, text.source_layers)

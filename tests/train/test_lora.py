@@ -22,9 +22,12 @@ from ldm_train.diffusion import build_objective, build_schedule
 from ldm_train.eval.pipeline import load_pipeline
 from ldm_train.latents.cache import LatentData
 from ldm_train.train import checkpoint as ck
-from ldm_train.train.batches import MemoryBatches
+from ldm_train.data.shards import DataError
+from ldm_train.text import load_text
+from ldm_train.train.batches import MemoryBatches, check_text
 from ldm_train.train.lora import (LoraError, adapter_state, add_adapter, apply_adapter, base_unet,
-                                  check_continued, checkpoint_adapter, rank_alpha, read_adapter_file)
+                                  check_continued, checkpoint_adapter, rank_alpha, read_adapter_file,
+                                  text_base)
 from ldm_train.train.loop import make_accelerator, train_denoiser
 from ldm_train.train.resume import ResumeError
 from ldm_train.utils.runs import MetricsLog
@@ -163,7 +166,7 @@ def test_refusals(micro_run, micro_latents, tmp_path, capsys):
     with pytest.raises(LoraError, match=r"'norm1' names GroupNorm layers \(e\.g\. down_blocks\.0\.resnets\.0\.norm1\)"):
         add_adapter(base_unet(micro_run.cfg.model, 0), LoraConfig(enabled=True, target_modules=["norm1"]))
     for override, needle in (("train.lora.rank=0", "train.lora.rank: Input should be greater than 0"),
-                             ("train.lora.text_encoder=true", "not supported yet")):
+                             ("train.lora.text_encoder=true", "set latents.text: tokens")):
         with pytest.raises(ConfigError, match=needle):
             load_config(MICRO, [override])
     state = adapter_state(add_adapter(base_unet(micro_run.cfg.model, 0), lora_cfg(micro_run)))
@@ -175,6 +178,10 @@ def test_refusals(micro_run, micro_latents, tmp_path, capsys):
         apply_adapter(base_unet(micro_run.cfg.model, 0), wide, lora_cfg(micro_run))
     with pytest.raises(LoraError, match="has rank 4, alpha 4; this run has train.lora.rank=4, train.lora.alpha=8"):
         check_continued(lora_cfg(micro_run), 4, 4.0, "x.safetensors")
+    with pytest.raises(LoraError, match="needs text.encoder: transformers"):  # open_clip: one fused attention
+        text_base(load_text(micro_run.cfg.text, micro_run.cfg.path(micro_run.cfg.text.dir)))
+    with pytest.raises(DataError, match="holds text embeddings; train.lora.text_encoder"):
+        check_text(micro_latents.manifest, True, "cache")
     run = copy_run(micro_run, tmp_path / "run")  # through the CLI: one line, exit 2
     assert main(["train", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true", *LORA,
                  "train.lora.target_modules=[to_q,attn_1]"]) == 2
