@@ -211,6 +211,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
+    import torch
     from accelerate import Accelerator
 
     from .eval.distributed import generate_across_ranks
@@ -226,6 +227,12 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     device = accelerator.device
     pipe = load_pipeline(checkpoint, device, step)
     val = load_latents(cfg.path(cfg.latents.dir) / "val")
+    if val.context is None:  # a tokens cache (train.lora.text_encoder): the loss needs the pipeline's embeddings
+        import dataclasses
+
+        with torch.no_grad():
+            context = torch.cat([pipe.text.encode_tokens(val.tokens[i:i + 64]).cpu() for i in range(0, len(val), 64)])
+        val = dataclasses.replace(val, context=context)
     t0 = time.time()
     captions = sorted(set(val.captions))
     prompts = [captions[i % len(captions)] for i in range(num_samples)]

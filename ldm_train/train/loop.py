@@ -27,8 +27,8 @@ from .batches import MemoryBatches, StreamBatches
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .ema import EMA, Layout, local_chunks, param_shapes
-from .lora import (add_adapter, base_unet, conditioned, load_adapter, read_adapter_file, split_parts,
-                   trainable_parameters)
+from .lora import (TEXT_PREFIX, UNET_PREFIX, add_adapter, base_unet, conditioned, load_adapter, read_adapter_file,
+                   read_text_adapter_file, split_parts, trainable_parameters)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
@@ -167,6 +167,9 @@ def train_denoiser(
     the model encodes them with its adapter; classifier-free dropout swaps in the empty caption's tokens)."""
     if adapter_init is None and train.lora.enabled and train.lora.init_from is not None and resume_from is None:
         adapter_init = read_adapter_file(train.lora.init_from)
+        if train.lora.text_encoder:  # the file's text-encoder adapter too, where it has one
+            adapter_init = {**{UNET_PREFIX + k: v for k, v in adapter_init.items()},
+                            **{TEXT_PREFIX + k: v for k, v in read_text_adapter_file(train.lora.init_from, text).items()}}
     parts = build_parts(model, train, distributed, accelerator, batches, seed, adapter_init, text)
     if resume_from is not None:
         restore_training_state(parts, resume_from, distributed.strategy)

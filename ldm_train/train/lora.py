@@ -294,7 +294,7 @@ def conditioned(unet: torch.nn.Module, text, cfg: LoraConfig) -> TextConditioned
 def split_parts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A TextConditioned adapter (``unet.*``, ``text.*``) -> (U-Net adapter, text adapter); a U-Net-only
     adapter -> (itself, {})."""
-    if not any(k.startswith(TEXT_PREFIX) for k in state):
+    if not any(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in state):  # U-Net paths never start so
         return dict(state), {}
     unet = {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     text = {k.removeprefix(TEXT_PREFIX): v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
@@ -310,3 +310,16 @@ def text_with_adapter(text, state: dict[str, torch.Tensor], cfg: LoraConfig):
         model = add_text_adapter(text_base(text), cfg)
     load_adapter(model, state)
     return HFTextEncoder(model.eval().requires_grad_(False), text.tokenizer, text.layer, text.source_layers)
+
+
+def read_text_adapter_file(path: str | Path, text) -> dict[str, torch.Tensor]:
+    """The text-encoder part (``text_encoder.*``) of a diffusers/PEFT LoRA file or folder, named as
+    ``text``'s CLIPTextModel names its modules (exchanged naming); {} when the file has none."""
+    from ..export.lora import text_adapter_for
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    state = {k.removeprefix("text_encoder."): v for k, v in load_file(str(path)).items()
+             if k.startswith("text_encoder.")}
+    return text_adapter_for(text.weights_module, state)

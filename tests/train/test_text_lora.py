@@ -137,3 +137,39 @@ def test_export_round_trip_in_diffusers_and_merge(text_run, sd1, tmp_path):
     base, exported = flat(base), flat(exported)
     assert any(not torch.equal(base[k], exported[k]) for k in base if "q_proj.weight" in k)
     assert all(torch.equal(base[k], exported[k]) for k in base if "mlp" in k)
+
+
+def test_eval_stage_and_continuing_the_exported_lora(text_run, tmp_path):
+    """``eval`` on a tokens cache (the held-out loss encodes the tokens with the EMA text adapter);
+    ``train.lora.init_from`` an exported diffusers LoRA continues both adapters (its tensors loaded)."""
+    from ldm_train.text.hf import load_hf_folders
+    from ldm_train.train.lora import (TEXT_PREFIX, UNET_PREFIX, add_adapter, base_unet, conditioned, load_adapter,
+                                      read_adapter_file, read_text_adapter_file, trainable_parameters)
+
+    run, args = text_run
+    assert main(["eval", *args, "--checkpoint", str(run), "--num-samples", "2", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["val_loss"] is not None
+    out = tmp_path / "export"
+    assert main(["export", *args, "--out", str(out), "--lora-format", "diffusers"]) == 0
+    cfg = load_config(run / "config.yaml")
+    text = load_hf_folders(out / "text_encoder", out / "tokenizer")
+    text_state = read_text_adapter_file(out / "lora", text)
+    model = conditioned(add_adapter(base_unet(cfg.model, cfg.run.seed), cfg.train.lora), text, cfg.train.lora)
+    assert all(is_adapter_key(n) for n, p in model.named_parameters() if p.requires_grad)
+    assert len(trainable_parameters(model.text)) == len(text_state) > 0  # only the text adapter of the tower trains
+    load_adapter(model, {**{UNET_PREFIX + k: v for k, v in read_adapter_file(out / "lora").items()},
+                         **{TEXT_PREFIX + k: v for k, v in text_state.items()}})  # every adapter tensor, right shapes
+    pipe = load_pipeline(run, CPU)
+    ema = {n: p for n, p in pipe.text.model.named_parameters() if ".lora_" in n}
+    assert all(torch.equal(p, ema[n]) for n, p in model.text.named_parameters() if ".lora_" in n)
+    from pretrained.test_sd_finetune import finetune
+
+    sd1 = cfg.pretrained
+    again = tmp_path / "again"  # through the loop: init_from's text part lands in the text adapter
+    finetune("sd15-lora", sd1, again, *TEXT_LORA, f"train.lora.init_from={out / 'lora'}", "train.steps=1",
+             "train.lr=1e-30")
+    first = load_file(str(again / "checkpoints" / "step-0000001" / "model.safetensors"))
+    for k, v in {**{UNET_PREFIX + k: v for k, v in read_adapter_file(out / "lora").items()},
+                 **{TEXT_PREFIX + k: v for k, v in text_state.items()}}.items():
+        torch.testing.assert_close(first[k], v, atol=1e-6, rtol=0)
