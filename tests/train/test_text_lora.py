@@ -173,3 +173,29 @@ def test_eval_stage_and_continuing_the_exported_lora(text_run, tmp_path):
     for k, v in {**{UNET_PREFIX + k: v for k, v in read_adapter_file(out / "lora").items()},
                  **{TEXT_PREFIX + k: v for k, v in text_state.items()}}.items():
         torch.testing.assert_close(first[k], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_processes_train_both_adapters_and_resume_exactly(text_run, tmp_path, strategy):
+    """2 ranks (gloo) on the tokens cache: 4 steps; the last checkpoint removed, the same command resumes
+    from step 2 and writes step 4 again bit for bit (both adapters, EMA, optimizer state)."""
+    import sys
+
+    from train.test_lora import ckpt_tensors, run_ok, same_files
+
+    run, args = text_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "eval", "export*"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "ldm_train.cli", "train", *[a if not a.startswith("run.dir=") else f"run.dir={copy}" for a in args],
+           "train.eval_every=0", "train.batch_size=2", f"distributed.strategy={strategy}"]
+    run_ok(cmd, tmp_path)
+    ckpt = copy / "checkpoints" / "step-0000004"
+    first = ckpt_tensors(ckpt)
+    assert any(".text." in k or "/text." in k for k in first)
+    shutil.move(ckpt, tmp_path / "first")
+    out = run_ok(cmd, tmp_path)
+    assert '"resumed_from": "' + str(copy / "checkpoints" / "step-0000002") in out.stdout
+    same_files(first, ckpt_tensors(ckpt))
