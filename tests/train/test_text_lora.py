@@ -70,6 +70,12 @@ def test_tokens_cache_and_the_text_adapter_learns(text_run, sd1):
     assert (run / "samples" / "step-0000004.png").is_file()  # periodic eval sampled with both EMA adapters
     manifest = json.loads((run / "latents" / "train" / "manifest.json").read_text())
     assert manifest["text"] == "tokens" and manifest["context_shape"] == [77]
+    from ldm_train.train.batches import StreamBatches
+
+    cfg = load_config(run / "config.yaml")
+    stream = StreamBatches(run / "latents" / "train", cfg.latents.loader, 2, 0, 0, 1, tokens=True)
+    z, tokens = stream.next(CPU)  # train.data_source: stream hands the tokens on too
+    assert tokens.dtype == torch.long and tokens.shape == (2, 77) and stream.null_context.shape == (77,)
     ckpt = run / "checkpoints" / "step-0000004"
     model = load_file(str(ckpt / "model.safetensors"))
     assert model and all(is_adapter_key(k) for k in model)
