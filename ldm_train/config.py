@@ -337,7 +337,9 @@ class LoraConfig(Section):
     diffusers' UNet2DConditionModel, matched by PEFT as a suffix of the module path: the default is the
     attention projections (as diffusers' train_text_to_image_lora.py); add ``proj_in``, ``proj_out``,
     ``ff.net.0.proj``, ``ff.net.2`` (the transformer's feed-forward), ``conv1``, ``conv2``,
-    ``conv_shortcut`` (resnets), ... for more capacity. Checkpoints then hold the adapter only."""
+    ``conv_shortcut`` (resnets), ... for more capacity. Checkpoints then hold the adapter only. With
+    ``text_encoder`` the CLIPTextModel gets its own adapter (``text_target_modules``; the same rank, alpha,
+    dropout and init) and trains with the U-Net's on cached caption tokens (``latents.text: tokens``)."""
 
     enabled: bool = Field(False, description="train a LoRA adapter on the frozen U-Net instead of its full weights")
     rank: int = Field(4, gt=0, description="rank r of each adapter (lora_A: r x in, lora_B: out x r)")

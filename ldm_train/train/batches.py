@@ -25,7 +25,7 @@ class MemoryBatches:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + rank)
         self.manifest = data.manifest
-        self.tokens = check_text(data.manifest, tokens, data.manifest.get("dir", "the latent cache"))
+        self.tokens = check_text(data.manifest, tokens, "the latent cache")
         self.null_context = data.null_context
         self.context_shape = list((data.tokens if self.tokens else data.context).shape[1:])
         self.scale = data.manifest["scaling_factor"]

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021, "Low-Rank Adaptation") on the frozen U-Net, through PEFT, from outside the model.
+"""LoRA (Hu et al. 2021, "Low-Rank Adaptation") on the frozen U-Net (and, with ``train.lora.text_encoder``,
+the CLIPTextModel: :class:`TextConditioned`), through PEFT, from outside the model.
 
 ``W x`` becomes ``W x + (alpha / r) B A x`` for every module named in ``train.lora.target_modules``
 (PEFT's ``inject_adapter_in_model`` replaces each by a ``lora.Linear``/``lora.Conv2d`` holding the
