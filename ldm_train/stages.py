@@ -358,8 +358,8 @@ def _convert_sd(src: Path, dst: Path, to: str, overwrite: bool, prediction_type:
     from .config import DiffusionConfig
     from .pretrained.resolve import read_pipeline_configs
     from .pretrained.scheduler import ddim_scheduler
-    from .pretrained.single_file import (inspect_single_file, read_pipeline_folder, read_single_file,
-                                         write_pipeline_folder, write_single_file)
+    from .pretrained.pipeline_folder import read_pipeline_folder, write_pipeline_folder
+    from .pretrained.single_file import inspect_single_file, read_single_file, write_single_file
 
     if to == "single-file":
         if src.is_file():

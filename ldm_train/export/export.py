@@ -68,7 +68,8 @@ def is_diffusers_pipeline(export_dir: Path) -> bool:
 
 def export_single_file(export_dir: Path, path: Path, dtype: str) -> Path:
     """The export as one SD 1.x/2.x single file (original key layout), via its diffusers form."""
-    from ..pretrained.single_file import read_pipeline_folder, write_single_file
+    from ..pretrained.pipeline_folder import read_pipeline_folder
+    from ..pretrained.single_file import write_single_file
 
     partial = path.with_name(f"{path.stem}.partial{path.suffix}")  # the writer checks the suffix
     if is_diffusers_pipeline(export_dir):

@@ -184,20 +184,10 @@ def _link_tree(src: Path, dst: Path) -> None:
 def _model_index(export_dir: Path) -> dict:
     import diffusers
 
+    from ..pretrained.pipeline_folder import sd_model_index
+
     scheduler = json.loads((export_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    return sd_model_index(scheduler, diffusers.__version__)
 
 
 def _check_paths(export_dir: Path, out_dir: Path, overwrite: bool) -> None:

@@ -91,7 +91,7 @@ def vae_key_to_diffusers(key: str, levels: int) -> str | None:
         return key
     if side not in ("encoder", "decoder"):
         return None
-    for pattern, build in (
+    rules = (
         (r"(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)", lambda m: (
             f"{_level(m[1], m[2], levels)}.resnets.{m[3]}.{VAE_RESNET.get(m[4], m[4])}.{m[5]}")),
         (r"(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(\w+)", lambda m: (
@@ -101,7 +101,13 @@ def vae_key_to_diffusers(key: str, levels: int) -> str | None:
         (r"mid\.attn_1\.(\w+)\.(\w+)", lambda m: (
             f"mid_block.attentions.0.{VAE_ATTENTION[m[1]]}.{m[2]}" if m[1] in VAE_ATTENTION else None)),
         (r"(conv_in|conv_out|norm_out)\.(\w+)", lambda m: f"{VAE_TOP.get(m[1], m[1])}.{m[2]}"),
-    ):
+    )
+    return _rewrite(side, rest, rules)
+
+
+def _rewrite(side: str, rest: str, rules) -> str | None:
+    """``side.<rule(rest)>`` for the first (pattern, build) rule matching ``rest``; None when none does."""
+    for pattern, build in rules:
         match = re.fullmatch(pattern, rest)
         if match:
             new = build(match)
@@ -123,7 +129,7 @@ def vae_key_to_ldm(key: str, levels: int) -> str | None:
     back_resnet = {v: k for k, v in VAE_RESNET.items()}
     back_attention = {v: k for k, v in VAE_ATTENTION.items()}
     back_top = {v: k for k, v in VAE_TOP.items()}
-    for pattern, build in (
+    rules = (
         (r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)", lambda m: (
             f"{_ldm_level(m[1], m[2], levels)}.block.{m[3]}.{back_resnet.get(m[4], m[4])}.{m[5]}")),
         (r"(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(\w+)", lambda m: (
@@ -133,12 +139,8 @@ def vae_key_to_ldm(key: str, levels: int) -> str | None:
         (r"mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(\w+)", lambda m: (
             f"mid.attn_1.{back_attention[m[1]]}.{m[2]}" if m[1] in back_attention else None)),
         (r"(conv_in|conv_out|conv_norm_out)\.(\w+)", lambda m: f"{back_top.get(m[1], m[1])}.{m[2]}"),
-    ):
-        match = re.fullmatch(pattern, rest)
-        if match:
-            new = build(match)
-            return None if new is None else f"{side}.{new}"
-    return None
+    )
+    return _rewrite(side, rest, rules)
 
 
 def _ldm_level(kind: str, n: str, levels: int) -> str:

@@ -109,7 +109,8 @@ def _single_file_schedule(family: str, cfg: Config, path: Path) -> DiffusionConf
 def convert_single_file(path: Path, cfg: Config) -> Path:
     """The pipeline folder of a single file: ``{run}/pretrained/NAME-HASH`` (written once, atomically;
     local rank 0 converts, the node's other ranks wait for its folder)."""
-    from .single_file import inspect_single_file, read_single_file, write_pipeline_folder
+    from .pipeline_folder import write_pipeline_folder
+    from .single_file import inspect_single_file, read_single_file
 
     family, _ = inspect_single_file(path)  # refusals (SDXL, truncated, pickled code...) before any work
     schedule = _single_file_schedule(family, cfg, path)

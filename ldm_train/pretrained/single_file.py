@@ -1,12 +1,12 @@
 """Stable Diffusion 1.x / 2.x single-file checkpoints (the original CompVis/Stability layout:
-``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``), both ways, and the
-diffusers pipeline folder they correspond to.
+``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``), both ways.
 
 Reading gives an :class:`SDCheckpoint`: each component under its diffusers / transformers names
 with a config inferred from the tensor shapes (the file carries none), plus ``extras``: the
 original-layout tensors no diffusers component holds (SD 1.x ``position_ids``, SD 2.x's last
 OpenCLIP block, ``text_projection``, ``logit_scale``), kept verbatim so that writing back gives
-the same keys and bytes. Writing is the exact inverse. Only safetensors and
+the same keys and bytes. Writing is the exact inverse. The diffusers pipeline folder of a checkpoint
+is read and written by :mod:`.pipeline_folder`. Only safetensors and
 ``torch.load(weights_only=True)`` are used: nothing is ever unpickled beyond tensors.
 
 Conventions the configs take from the family (shapes do not say them): SD 1.x has 8 attention
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from ldm_train.errors import UserError
 from ldm_train.pretrained.ldm_keys import (
     OPEN_CLIP_LAYER, OPEN_CLIP_TOP, rename, unet_modules, vae_key_to_diffusers, vae_key_to_ldm,
 )
-from ldm_train.text.tokenizer import EOT, PAD, write_clip_tokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -60,16 +58,6 @@ OTHER_FAMILIES = (
     ("model.diffusion_model.label_emb.", "class-conditioned SD (unCLIP / upscaler)"),
     ("down_blocks.", "diffusers-layout"),
 )
-SCHEDULER_DEFAULTS = {  # the schedulers of SD 1.5 and SD 2.1 (768-v) as their folders have them
-    "sd1": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085, "beta_end": 0.012, "set_alpha_to_one": False, "skip_prk_steps": True,
-            "steps_offset": 1, "trained_betas": None, "prediction_type": "epsilon"},
-    "sd2": {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
-            "steps_offset": 1, "trained_betas": None, "prediction_type": "v_prediction"},
-}
-
-
 class SingleFileError(UserError):
     """A file or folder that is not a supported SD checkpoint; the message names it and why."""
 
@@ -536,96 +524,3 @@ def write_single_file(path, ckpt: SDCheckpoint, dtype: torch.dtype | None = None
     else:
         torch.save({"state_dict": state}, partial)
     os.replace(partial, path)
-
-
-# ------------------------------------------------------------------------- diffusers pipeline folder
-def _read_component(folder: Path, name: str, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config, tensors = folder / name / "config.json", folder / name / weights
-    for needed in (config, tensors):
-        if not needed.is_file():
-            raise SingleFileError(f"{folder}: not an SD pipeline folder: {needed.relative_to(folder)} is missing")
-    try:
-        return json.loads(config.read_text()), load_file(str(tensors))
-    except (ValueError, SafetensorError, OSError) as e:
-        raise SingleFileError(f"{folder}: cannot read {name}/ ({e})") from None
-
-
-def read_pipeline_folder(folder) -> SDCheckpoint:
-    """A diffusers SD 1.x / 2.x pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, safetensors
-    weights) as an :class:`SDCheckpoint`; the family is SD 2.x where the U-Net projects linearly."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SingleFileError(f"{folder}: no such folder")
-    unet_config, unet = _read_component(folder, "unet", "diffusion_pytorch_model.safetensors")
-    vae_config, vae = _read_component(folder, "vae", "diffusion_pytorch_model.safetensors")
-    text_config, text = _read_component(folder, "text_encoder", "model.safetensors")
-    family = "sd2" if unet_config.get("use_linear_projection") else "sd1"
-    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.items()}
-    extras_file = folder / "text_encoder" / EXTRAS_FILE
-    if extras_file.is_file():
-        extras = load_file(str(extras_file))
-    elif family == "sd1":  # SD 1.x files carry CLIP's position_ids buffer; A1111-era loaders expect it
-        positions = text_config.get("max_position_embeddings", 77)
-        extras = {CLIP + "text_model.embeddings.position_ids": torch.arange(positions)[None]}
-    else:
-        extras = {}
-    width, context = text_config.get("hidden_size"), unet_config.get("cross_attention_dim")
-    if width != context:
-        raise SingleFileError(f"{folder}: the U-Net's cross_attention_dim {context} differs from the "
-                              f"text encoder's width {width}")
-    unet_config.setdefault("_class_name", "UNet2DConditionModel")
-    vae_config.setdefault("_class_name", "AutoencoderKL")
-    return SDCheckpoint(family=family, unet_config=unet_config, unet=unet, vae_config=vae_config, vae=vae,
-                        text_config=text_config, text=text, extras=extras, ema=False, ignored={})
-
-
-def _diffusers_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("diffusers")
-    except PackageNotFoundError:
-        return "0.42.1"
-
-
-def write_pipeline_folder(ckpt: SDCheckpoint, out: Path, scheduler_config: dict | None = None) -> Path:
-    """A diffusers ``StableDiffusionPipeline`` folder (no safety checker) that
-    ``from_pretrained(out, local_files_only=True)`` loads; ``ckpt.extras`` go to
-    ``text_encoder/ldm_train_single_file_extras.safetensors`` so that :func:`read_pipeline_folder`
-    and :func:`write_single_file` give the original file back. Built under ``out.partial`` first."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SingleFileError(f"{out}: exists and is not empty; choose a new folder")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    version = _diffusers_version()
-    scheduler = dict(scheduler_config or SCHEDULER_DEFAULTS[ckpt.family])
-    parts = {
-        "unet": ({**ckpt.unet_config, "_diffusers_version": version}, ckpt.unet, "diffusion_pytorch_model.safetensors"),
-        "vae": ({**ckpt.vae_config, "_diffusers_version": version}, ckpt.vae, "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (ckpt.text_config, ckpt.text, "model.safetensors"),
-    }
-    for name, (config, tensors, weights) in parts.items():
-        (partial / name).mkdir(parents=True)
-        (partial / name / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(_separate(tensors), str(partial / name / weights), metadata={"format": "pt"})
-    if ckpt.extras:
-        save_file(_separate(ckpt.extras), str(partial / "text_encoder" / EXTRAS_FILE), metadata={"format": "pt"})
-    write_clip_tokenizer(partial / "tokenizer", ckpt.text_config.get("max_position_embeddings", 77),
-                         pad=PAD if ckpt.family == "sd2" else EOT)
-    (partial / "scheduler").mkdir()
-    scheduler.setdefault("_class_name", SCHEDULER_DEFAULTS[ckpt.family]["_class_name"])
-    (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "_diffusers_version": version}, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
-    if out.exists():
-        out.rmdir()
-    os.replace(partial, out)
-    return out

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -26,6 +27,9 @@ from .common import TextEncoderError, first_line, kept_layers
 
 MODEL_DIR, TOKENIZER_DIR = "text_encoder", "tokenizer"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hub spells repo ids
+# fp32 whatever the checkpoint's dtype (transformers 5 loads in the saved dtype by default); the
+# keyword was torch_dtype before transformers 4.56
+_DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 class HFTextEncoder(torch.nn.Module):
@@ -120,7 +124,8 @@ def find_folders(cfg: TextConfig) -> tuple[Path, Path]:
 def _cut(model: CLIPTextModel, layer: str | int) -> CLIPTextModel:
     """Keep the layers up to ``text.layer``; the config says so too, so save_pretrained reloads it."""
     depth = kept_layers(layer, model.config.num_hidden_layers)
-    model.encoder.layers = model.encoder.layers[:depth]
+    encoder = getattr(model, "text_model", model).encoder  # transformers 4 nests it in text_model
+    encoder.layers = encoder.layers[:depth]
     model.config.num_hidden_layers = depth
     return model
 
@@ -134,7 +139,7 @@ def load_hf_folders(model_dir: Path, tokenizer_dir: Path, layer: str | int = "la
     total = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers", 12))
     kept_layers(layer, total)  # refuse a layer too deep before reading the weights
     try:
-        model = CLIPTextModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, **{_DTYPE_KW: torch.float32})
     except (OSError, ValueError, KeyError) as e:
         raise TextEncoderError(f"cannot load a CLIPTextModel from {model_dir}: {first_line(e)}") from None
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(

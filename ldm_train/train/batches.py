@@ -14,6 +14,98 @@ from ..latents.cache import NULL_CONTEXT, LatentData, load_latents, read_manifes
 from ..latents.loader import LatentLoader
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; to a GPU through pinned memory with ``non_blocking=True``, so the copy
+    is queued on the current stream instead of blocking the host (from pageable memory CUDA
+    copies synchronously through a staging buffer)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class LatentDraw:
+    """The generator of the posterior draws ``z ~ N(mean, std^2)``, made on the batch's device.
+
+    On the CPU the draw uses the source's own host generator, interleaved with its index draws:
+    the stream of every earlier version, so CPU runs and their checkpoints are unchanged. On an
+    accelerator the draw runs there with a generator of that device (seeded apart, saved in the
+    checkpoint as ``latent_generator_device``; meta ``draw: device``). A checkpoint without
+    ``draw`` (written before the draw moved) resumes with the host draw, its original stream."""
+
+    def __init__(self, host: torch.Generator, seed: int):
+        self.host, self.seed = host, seed + 7_919
+        self.on_host = False  # a pre-device-draw checkpoint: keep drawing on the host
+        self._device_gen: torch.Generator | None = None
+        self._device_state: torch.Tensor | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu" or self.on_host:
+            return self.host
+        if self._device_gen is None:
+            self._device_gen = torch.Generator(device).manual_seed(self.seed)
+            if self._device_state is not None:
+                self._device_gen.set_state(self._device_state)
+        return self._device_gen
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self._device_gen is not None:
+            return {"latent_generator_device": self._device_gen.get_state()}
+        return {"latent_generator_device": self._device_state} if self._device_state is not None else {}
+
+    def meta(self) -> dict:
+        return {} if self.on_host else {"draw": "device"}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.on_host = meta.get("draw") != "device"
+        self._device_gen, self._device_state = None, tensors.get("latent_generator_device")
+
+
+class DevicePrefetch:
+    """The loop's view of a batch source: on a GPU the next batch's host work and copies are
+    queued on a side stream while the current step runs; on the CPU (``ahead`` off) it passes
+    batches straight through, so behaviour there is unchanged. A checkpoint taken while a batch is
+    in flight stores the source's state from *before* that batch, so a resumed run draws it again."""
+
+    def __init__(self, source, device: torch.device, ahead: bool | None = None):
+        self.source, self.device = source, device
+        self.ahead = device.type == "cuda" if ahead is None else ahead
+        self.stream = torch.cuda.Stream(device) if self.ahead and device.type == "cuda" else None
+        self._next = None  # (z, context, source state before it)
+
+    def _fetch(self):
+        state = self.source.state()
+        if self.stream is None:
+            return (*self.source.next(self.device), state)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # its inputs exist before it starts
+        with torch.cuda.stream(self.stream):
+            z, context = self.source.next(self.device)
+        return z, context, state
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ahead:
+            return self.source.next(self.device)
+        if self._next is None:
+            self._next = self._fetch()
+        z, context, _ = self._next
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.stream)
+            for t in (z, context):  # made on the side stream, used on the main one: the caching
+                t.record_stream(main)  # allocator must not reuse their memory before main is done
+        self._next = self._fetch()
+        return z, context
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self._next[2] if self._next is not None else self.source.state()
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.source.load(tensors, meta)
+        self._next = None
+
+    def __getattr__(self, name):  # manifest, null_context, context_shape, ...
+        return getattr(self.source, name)
+
+
 class MemoryBatches:
     """Random batches (with replacement) from a latent split held in memory, drawn with this
     rank's own seeded generator: every rank sees different samples, and the generator's state is
@@ -24,6 +116,7 @@ class MemoryBatches:
         self.data = data
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + rank)
+        self.draw = LatentDraw(self.generator, seed + rank)
         self.manifest = data.manifest
         self.tokens = check_text(data.manifest, tokens, "the latent cache")
         self.null_context = data.null_context
@@ -33,19 +126,21 @@ class MemoryBatches:
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator)
-        z = to_latent(self.data.mean[idx], self.data.std[idx], self.scale, self.shift, generator=self.generator)
+        mean, std = to_device(self.data.mean[idx], device), to_device(self.data.std[idx], device)
+        z = to_latent(mean, std, self.scale, self.shift, generator=self.draw.generator(device))
         if self.tokens:  # the caption tokens: the loop's model encodes them (train.lora.text_encoder)
-            return z.to(device), self.data.tokens[idx].to(device, torch.long)
-        return z.to(device), self.data.context[idx].to(device, torch.float32)
+            return z, to_device(self.data.tokens[idx], device).long()
+        return z, to_device(self.data.context[idx], device).float()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON metadata) for the checkpoint's per-rank file."""
-        return {"data_generator": self.generator.get_state()}, {"source": "memory"}
+        return {"data_generator": self.generator.get_state(), **self.draw.state()}, {"source": "memory", **self.draw.meta()}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if meta.get("source") != "memory":
             raise ValueError(f"checkpoint's data state is from a {meta.get('source')!r} source, not 'memory'")
         self.generator.set_state(tensors["data_generator"])
+        self.draw.load(tensors, meta)
 
 
 class StreamBatches:
@@ -62,6 +157,7 @@ class StreamBatches:
         self.null_context = load_file(str(folder / NULL_CONTEXT))["context"]
         self.context_shape = list(self.manifest["context_shape"])
         self.generator = torch.Generator().manual_seed(seed + rank)
+        self.draw = LatentDraw(self.generator, seed + rank)
         self.scale = self.manifest["scaling_factor"]
         self.shift = self.manifest["shift_factor"]
         self._batches = None
@@ -70,19 +166,22 @@ class StreamBatches:
         if self._batches is None:
             self._batches = iter(self.loader)
         batch = next(self._batches)
-        z = to_latent(batch["mean"], batch["std"], self.scale, self.shift, generator=self.generator)
+        mean, std = to_device(batch["mean"], device), to_device(batch["std"], device)
+        z = to_latent(mean, std, self.scale, self.shift, generator=self.draw.generator(device))
         if self.tokens:
-            return z.to(device), batch["tokens"].to(device, torch.long)
-        return z.to(device), batch["context"].to(device, torch.float32)
+            return z, to_device(batch["tokens"], device).long()
+        return z, to_device(batch["context"], device).float()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return {"latent_generator": self.generator.get_state()}, {"source": "stream", "loader": self.loader.state_dict()}
+        tensors = {"latent_generator": self.generator.get_state(), **self.draw.state()}
+        return tensors, {"source": "stream", "loader": self.loader.state_dict(), **self.draw.meta()}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if meta.get("source") != "stream":
             raise ValueError(f"checkpoint's data state is from a {meta.get('source')!r} source, not 'stream'")
         self.loader.load_state_dict(meta["loader"])
         self.generator.set_state(tensors["latent_generator"])
+        self.draw.load(tensors, meta)
         self._batches = None  # the next batch continues right after the checkpoint's last one
 
 

@@ -23,9 +23,10 @@ from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfi
 from ..diffusion import build_objective, build_schedule
 from ..model import build_unet
 from ..utils.runs import MetricsLog
-from .batches import MemoryBatches, StreamBatches
+from .batches import DevicePrefetch, MemoryBatches, StreamBatches
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
+from .outcome import Readback, StepOutcome
 from .ema import EMA, Layout, local_chunks, param_shapes
 from .lora import (TEXT_PREFIX, UNET_PREFIX, add_adapter, base_unet, conditioned, load_adapter, read_adapter_file,
                    read_text_adapter_file, split_parts, trainable_parameters)
@@ -86,9 +87,21 @@ def build_parts(model_cfg, train_cfg, dist_cfg, accelerator, batches, seed, adap
     return TrainParts(accelerator, model, opt, sched, ema, batches, noise_gen)
 
 
-def _ddp_step(parts: TrainParts, step_model, objective, micro, clip: float, fp16: bool) -> tuple[list, float, bool]:
+def _device_skip(opt) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside ``opt`` if it can skip a step on the device: torch's fused
+    Adam/AdamW/SGD set ``_step_supports_amp_scaling`` and read ``self.found_inf`` in ``step()``
+    (the GradScaler protocol); their kernels change nothing where ``found_inf == 1``."""
+    inner = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps it
+    return inner if getattr(inner, "_step_supports_amp_scaling", False) else None
+
+
+def _ddp_step(parts: TrainParts, step_model, objective, micro, clip: float, fp16: bool, before_update: Callable[[], None],
+              step: int, ema_due: bool) -> tuple[list, StepOutcome]:
     """Accumulate over the micro-batches (no gradient all-reduce until the last), clip, step.
-    A non-finite gradient norm (a NaN loss on any rank makes it NaN on all) skips the update."""
+    A non-finite gradient norm (a NaN loss on any rank makes it NaN on all) skips the update:
+    decided on the device where the optimizer takes ``found_inf`` (the host learns it a step
+    later, see outcome.py), else on the host at once. ``before_update`` settles the previous step
+    (its LR scheduler step sets this step's LR)."""
     acc, model, opt = parts.accelerator, parts.model, parts.optimizer
     losses = []
     for i, batch in enumerate(micro):
@@ -98,22 +111,32 @@ def _ddp_step(parts: TrainParts, step_model, objective, micro, clip: float, fp16
             loss, stats = objective(step_model, *batch, parts.noise_gen)
             acc.backward(loss)  # Accelerate divides by the accumulation steps
         losses.append(stats["loss"])
-    norm = acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
-    norm = float(norm)
-    finite = math.isfinite(norm)
-    if finite or fp16:  # under fp16 the grad scaler skips overflowing steps itself
+    norm = acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)  # a device tensor
+    before_update()
+    fused = None if fp16 else _device_skip(opt)
+    if fused is not None:
+        fused.found_inf = (~torch.isfinite(norm)).float()
         opt.step()
-        finite = not (fp16 and opt.step_was_skipped)
-        if finite:
-            parts.scheduler.step()
+        del fused.found_inf
+        outcome = StepOutcome(step, Readback(norm.detach().float().reshape(1)), ema_due)
+    else:  # this optimizer (or fp16's grad scaler) decides on the host: one read per step
+        norm = float(norm)
+        applied = math.isfinite(norm)
+        if applied or fp16:  # under fp16 the grad scaler skips overflowing steps itself
+            opt.step()
+            applied = not (fp16 and opt.step_was_skipped)
+        outcome = StepOutcome(step, norm, ema_due, applied)
     opt.zero_grad(set_to_none=True)
-    return losses, norm, finite
+    return losses, outcome
 
 
-def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: NonFiniteGuard) -> tuple[list, float, bool]:
+def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: NonFiniteGuard, step: int,
+                    ema_due: bool) -> tuple[list, StepOutcome]:
     """DeepSpeed accumulates, clips and steps inside ``engine.step()``. A micro-batch whose loss
     is non-finite on any rank is dropped on all ranks before backward (so DeepSpeed's
-    accumulation boundaries stay aligned) and replaced by the next batch; it counts in the guard."""
+    accumulation boundaries stay aligned) and replaced by the next batch; it counts in the guard.
+    That agreement is one all-reduce per micro-batch, read on the host (DeepSpeed's own overflow
+    and norm bookkeeping read device values in ``step()`` too)."""
     acc, engine = parts.accelerator, parts.model
     losses, skipped_before = [], getattr(engine, "skipped_steps", 0)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
@@ -122,17 +145,15 @@ def _deepspeed_step(parts: TrainParts, objective, next_batch, gas: int, guard: N
         with torch.autocast(acc.device.type, dtype=precision, enabled=precision is not None):
             loss, stats = objective(engine, *next_batch(), parts.noise_gen)
         if not all_ranks_true(bool(torch.isfinite(loss.detach())), acc):
-            guard.record(False, parts.counters.step)
+            guard.record(False, step)
             continue
         engine.backward(loss)
         engine.step()
         losses.append(stats["loss"])
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
-    finite = getattr(engine, "skipped_steps", 0) == skipped_before  # fp16 overflow: DeepSpeed skipped
-    if finite:
-        parts.scheduler.step()
-    return losses, norm, finite
+    applied = getattr(engine, "skipped_steps", 0) == skipped_before  # fp16 overflow: DeepSpeed skipped
+    return losses, StepOutcome(step, norm, ema_due, applied)
 
 
 EvalFn = Callable[[int, torch.nn.Module, Writers], object]
@@ -191,45 +212,66 @@ def train_denoiser(
     guard.total = parts.counters.nonfinite_skipped
     extra = {"strategy": distributed.strategy, "seed": seed}
     t0, losses, ckpt = time.time(), [], None
+    parts.batches = feed = DevicePrefetch(batches, device)  # checkpoints take the state before the batch in flight
+    pending: list[StepOutcome] = []
+    last_norm = [float("nan")]
+    zero3 = zero_stage(distributed) == 3
 
     def next_batch():
         t = time.perf_counter()
-        z, context = batches.next(device)
+        z, context = feed.next()
         tel.data_seconds += time.perf_counter() - t
         return z, context, null, schedule
+
+    def settle() -> None:
+        """What the host does with the steps whose outcome was on the device, in order: the guard
+        (which may stop the run before any later update or checkpoint), the LR schedule (applied
+        steps only) and the EMA (applied steps only; the weights are still those of that step)."""
+        while pending:
+            outcome = pending.pop(0)
+            last_norm[0], applied = outcome.settle()
+            guard.record(applied, outcome.step)
+            parts.counters.nonfinite_skipped = guard.total
+            if applied:
+                parts.scheduler.step()
+                if outcome.ema_due:
+                    parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero3))
 
     try:
         while parts.counters.step < total:
             step = parts.counters.step
             watchdog.beat(step)
             t_step = time.perf_counter()
+            done, ema_due = step + 1, (step + 1) % train.ema_every == 0
             if is_deepspeed(accelerator):
-                step_losses, norm, finite = _deepspeed_step(parts, loss_fn, next_batch, gas, guard)
+                step_losses, outcome = _deepspeed_step(parts, loss_fn, next_batch, gas, guard, step, ema_due)
             else:
                 micro = [next_batch() for _ in range(gas)]
-                step_losses, norm, finite = _ddp_step(
-                    parts, step_model, loss_fn, micro, train.grad_clip, distributed.mixed_precision == "fp16"
-                )
-            guard.record(finite, step)
-            parts.counters.nonfinite_skipped = guard.total
-            parts.counters.step = done = step + 1
+                step_losses, outcome = _ddp_step(parts, step_model, loss_fn, micro, train.grad_clip,
+                                                 distributed.mixed_precision == "fp16", settle, step, ema_due)
+            pending.append(outcome)
+            parts.counters.step = done
             parts.counters.samples_seen += train.batch_size * gas * accelerator.num_processes
-            if finite and done % train.ema_every == 0:
-                parts.ema.update(local_chunks(accelerator.unwrap_model(parts.model), parts.ema.layout, zero_stage(distributed) == 3))
             tel.losses.extend(step_losses)
             tel.seconds += time.perf_counter() - t_step
             tel.steps += 1
             bar.update(1)
-            if done % train.log_every == 0 or done == total:
-                losses.append((step, _log(parts, tel, norm)))
-            stop = any_rank_true(signals.raised, accelerator)
-            if done % train.checkpoint_every == 0 or done == total or stop or done in train.milestones:
-                ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
+            stop = _signalled(signals, accelerator, done, train.signal_check_every)
             every = train.eval_every
-            if not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total):
+            evaluate = not stop and eval_fn is not None and every > 0 and (done % every == 0 or done == total)
+            log_due = done % train.log_every == 0 or done == total
+            save = done % train.checkpoint_every == 0 or done == total or stop or done in train.milestones
+            if not isinstance(outcome.norm, Readback) or log_due or save or evaluate:
+                settle()  # the host needs this step's outcome now; else it reads it during the next step
+            if log_due:
+                losses.append((step, _log(parts, tel, last_norm[0])))
+            if save:
+                ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
+            if evaluate:
                 eval_fn(done, ema_model(model, parts, device, train=train, seed=seed, text=text), writers)  # every rank: sampling is split
             if stop and done < total:
                 raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
+        settle()
     finally:
         tel.close()
         signals.close()
@@ -237,6 +279,15 @@ def train_denoiser(
     tail = [v for _, v in losses[-5:]] or [float("nan")]
     result = TrainResult(total, sum(tail) / len(tail), time.time() - t0, ckpt, losses, resume_from, guard.total)
     return accelerator.unwrap_model(parts.model), parts.ema, result
+
+
+def _signalled(signals: SignalFlag, accelerator: Accelerator, done: int, every: int) -> bool:
+    """Whether to stop after step ``done``, agreed by all ranks so that all stop after the same
+    step. A single process reads its own flag (free); several agree by one all-reduce, which
+    waits for the device, every ``every`` steps only (train.signal_check_every)."""
+    if accelerator.num_processes == 1:
+        return signals.raised
+    return done % every == 0 and any_rank_true(signals.raised, accelerator)
 
 
 def _log(parts: TrainParts, tel: Telemetry, norm: float) -> float:

@@ -101,7 +101,10 @@ def make_accelerator(dist_cfg: DistributedConfig, train_cfg: TrainConfig | None 
         kwargs_handlers=handlers,
     )
     if dist_cfg.strategy == "ddp":
-        return Accelerator(cpu=dist_cfg.cpu, **kwargs)
+        # cpu=use_cpu, not dist_cfg.cpu: on a machine without a GPU, Accelerate given cpu=False under
+        # torchrun reports DistributedType.NO, so it neither wraps the model in DDP (no gradient
+        # all-reduce: each rank would train on its own) nor makes wait_for_everyone a barrier
+        return Accelerator(cpu=use_cpu, **kwargs)
     if train_cfg is None:
         raise ValueError("a ZeRO strategy needs the train section (batch size, clipping)")
     # cpu=True would make Accelerate drop the DeepSpeed plugin; DeepSpeed finds the CPU itself

@@ -95,7 +95,8 @@ def test_init_from_a_pipeline_unet_is_checked_against_its_scheduler(sd1, capsys)
 
 
 def test_a_sd2_single_file_needs_the_prediction_type(tmp_path, capsys):
-    from ldm_train.pretrained.single_file import read_pipeline_folder, write_single_file
+    from ldm_train.pretrained.pipeline_folder import read_pipeline_folder
+    from ldm_train.pretrained.single_file import write_single_file
 
     sd2 = make_tiny_sd(tmp_path / "sd2", "sd2")
     path = tmp_path / "sd2.safetensors"

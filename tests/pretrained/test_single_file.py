@@ -17,9 +17,9 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm_train.pretrained.pipeline_folder import read_pipeline_folder, write_pipeline_folder
 from ldm_train.pretrained.single_file import (
-    SingleFileError, clip_text_state_dict, inspect_single_file, read_pipeline_folder, read_single_file,
-    write_pipeline_folder, write_single_file,
+    SingleFileError, clip_text_state_dict, inspect_single_file, read_single_file, write_single_file,
 )
 from pretrained.tiny_sd import make_tiny_sd
 

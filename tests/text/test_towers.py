@@ -3,6 +3,7 @@ or refused, exports saved and reloaded exactly, and every bad path refused in on
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import pytest
@@ -153,3 +154,12 @@ def test_saved_tokenizer_has_slow_tokenizer_files(sd1_dir, tmp_path):
         saved = (tmp_path / "export" / "tokenizer" / name).read_text(encoding="utf-8")
         given = (sd1_dir / "tokenizer" / name).read_text(encoding="utf-8")
         assert (json.loads(saved) == json.loads(given)) if name.endswith("json") else saved == given, name
+
+
+def test_fp16_checkpoint_runs_in_fp32(sd1_dir, tmp_path):
+    """SD checkpoints are often saved in fp16; the tower runs in fp32 as encode_prompt's reference does."""
+    clip_text_model("quick_gelu").half().save_pretrained(tmp_path / "text_encoder")
+    shutil.copytree(sd1_dir / "tokenizer", tmp_path / "tokenizer")
+    text = load_text(hf_cfg(tmp_path), tmp_path)
+    assert all(p.dtype == torch.float32 for p in text.parameters())
+    assert text(CAPTIONS).dtype == torch.float32
