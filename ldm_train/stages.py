@@ -149,11 +149,12 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         from .text import load_text
 
         text = load_text(cfg.text, cfg.path(cfg.text.dir)).to(accelerator.device)
+    adapter_init = _lora_to_continue(cfg, text) if resume is None else None
     try:
         model, ema, result = train_denoiser(
             model=cfg.model, diffusion=cfg.diffusion, train=cfg.train, distributed=cfg.distributed,
             accelerator=accelerator, batches=batches, run_dir=run, seed=cfg.run.seed, log=log, eval_fn=eval_fn,
-            resume_from=resume, text=text,
+            resume_from=resume, text=text, adapter_init=adapter_init,
         )
     except Preempted as e:
         if accelerator.is_main_process:
@@ -184,6 +185,23 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         "loss_plot": str(plot_losses(run / "loss.png", curves)),
         "device": str(accelerator.device),
     }
+
+
+def _lora_to_continue(cfg: Config, text) -> dict | None:
+    """``train.lora.init_from``, a diffusers or kohya LoRA file (read by the export layer, which owns
+    the formats), as the loop's adapter to continue: its rank and alpha must be the run's."""
+    lora = cfg.train.lora
+    if not (lora.enabled and lora.init_from):
+        return None
+    from .export.lora import load_lora
+    from .train.lora import TEXT_PREFIX, UNET_PREFIX, check_continued, text_adapter_for
+
+    found = load_lora(Path(lora.init_from))
+    check_continued(lora, found.rank, found.alpha, lora.init_from)
+    if not lora.text_encoder:
+        return {k: v for k, v in found.unet.items()}
+    text_part = text_adapter_for(text.weights_module, found.text) if found.text else {}
+    return {**{UNET_PREFIX + k: v for k, v in found.unet.items()}, **{TEXT_PREFIX + k: v for k, v in text_part.items()}}
 
 
 def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool,

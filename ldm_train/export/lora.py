@@ -33,10 +33,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from ..errors import UserError
+from ..train.lora import TEXT_ROOT, text_adapter_for
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-TEXT_ROOT = "text_model."
 PARTS = {"unet": ("unet.", "lora_unet_"), "text": ("text_encoder.", "lora_te_")}  # diffusers, kohya prefixes
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -128,13 +128,6 @@ def adapter_lora(unet_adapter: dict, text_adapter: dict | None = None, *, rank: 
     cpu = {p: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in a.items()}
            for p, a in (("unet", unet), ("text", text))}
     return LoraFile(cpu["unet"], cpu["text"], rank, float(alpha), "peft")
-
-
-def text_adapter_for(text_encoder: torch.nn.Module, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``adapter``'s keys as this CLIPTextModel's modules are named (``set_peft_model_state_dict``)."""
-    if hasattr(text_encoder, "text_model"):  # transformers < 5
-        return dict(adapter)
-    return {k.removeprefix(TEXT_ROOT): v for k, v in adapter.items()}
 
 
 def _parts(lora: LoraFile) -> dict[str, dict[str, torch.Tensor]]:

@@ -316,11 +316,19 @@ def text_with_adapter(text, state: dict[str, torch.Tensor], cfg: LoraConfig):
 def read_text_adapter_file(path: str | Path, text) -> dict[str, torch.Tensor]:
     """The text-encoder part (``text_encoder.*``) of a diffusers/PEFT LoRA file or folder, named as
     ``text``'s CLIPTextModel names its modules (exchanged naming); {} when the file has none."""
-    from ..export.lora import text_adapter_for
-
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
     state = {k.removeprefix("text_encoder."): v for k, v in load_file(str(path)).items()
              if k.startswith("text_encoder.")}
     return text_adapter_for(text.weights_module, state)
+
+
+TEXT_ROOT = "text_model."  # checkpoints and LoRA files name CLIP's modules under it; transformers 5 does not in memory
+
+
+def text_adapter_for(text_encoder: torch.nn.Module, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``adapter``'s keys as this CLIPTextModel's modules are named (``set_peft_model_state_dict``)."""
+    if hasattr(text_encoder, "text_model"):  # transformers < 5
+        return dict(adapter)
+    return {k.removeprefix(TEXT_ROOT): v for k, v in adapter.items()}

@@ -205,3 +205,30 @@ def test_two_processes_train_both_adapters_and_resume_exactly(text_run, tmp_path
     out = run_ok(cmd, tmp_path)
     assert '"resumed_from": "' + str(copy / "checkpoints" / "step-0000002") in out.stdout
     same_files(first, ckpt_tensors(ckpt))
+
+
+def test_continuing_a_kohya_lora(text_run, tmp_path):
+    """``train.lora.init_from`` a kohya file (read by the export layer's formats in the train stage):
+    both of its adapters land in the first checkpoint, as from the diffusers file."""
+    from ldm_train.export.lora import load_lora
+    from ldm_train.text.hf import load_hf_folders
+    from ldm_train.train.lora import TEXT_PREFIX, UNET_PREFIX, text_adapter_for
+    from pretrained.test_sd_finetune import finetune
+
+    run, args = text_run
+    out = tmp_path / "export"
+    assert main(["export", *args, "--out", str(out), "--lora-format", "kohya"]) == 0
+    kohya = out / "lora" / "kohya_lora.safetensors"
+    lora = load_lora(kohya)
+    assert lora.format == "kohya" and lora.unet and lora.text
+    cfg = load_config(run / "config.yaml")
+    again = tmp_path / "again"
+    finetune("sd15-lora", cfg.pretrained, again, *TEXT_LORA, f"train.lora.init_from={kohya}", "train.steps=1",
+             "train.lr=1e-30")
+    first = load_file(str(again / "checkpoints" / "step-0000001" / "model.safetensors"))
+    text = load_hf_folders(out / "text_encoder", out / "tokenizer")
+    expected = {**{UNET_PREFIX + k: v for k, v in lora.unet.items()},
+                **{TEXT_PREFIX + k: v for k, v in text_adapter_for(text.weights_module, lora.text).items()}}
+    assert expected.keys() <= first.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(first[k], v.float(), atol=1e-6, rtol=0)
