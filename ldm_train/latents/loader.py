@@ -1,25 +1,32 @@
 """A streaming, resumable loader of latent shards for training at scale.
 
-The sample order is a pure function of (seed, epoch, rank, world_size, shuffle_buffer):
+The sample order is one global stream, a pure function of (seed, shuffle_buffer) and the data:
 
-1. every epoch the output shards are permuted (seeded by ``(seed, epoch)``) and laid end to end;
-   rank ``r`` of ``W`` takes the contiguous samples ``[r N / W, (r + 1) N / W)`` of that sequence,
-   so all ranks together see every sample exactly once per epoch (N from the manifest);
-2. the rank's part is cut into blocks of ``shuffle_buffer`` samples, each shuffled by its own
-   seeded permutation (a shuffle buffer whose contents are fixed, so any process can rebuild it);
-3. the rank's stream runs on over epochs forever; batch ``j`` is its samples ``[jB, (j+1)B)``.
+1. every epoch the output shards are permuted (seeded by ``(seed, epoch)``) and laid end to end
+   (N samples, N from the manifest); that sequence is cut into blocks of ``shuffle_buffer``
+   samples, each shuffled by its own seeded permutation (a shuffle buffer whose contents are fixed,
+   so any process can rebuild it). Epochs follow each other: global position ``p`` is sample
+   ``p % N`` of epoch ``p // N``'s shuffled sequence;
+2. every step the W ranks together take the next ``W * B`` positions (B = the per-rank batch):
+   rank ``r`` takes the ``r``-th run of B of them. So the stream does not depend on W or B, all
+   ranks together see every sample exactly once per epoch, and an epoch boundary may fall inside
+   a step (its batch then holds the end of one epoch and the start of the next).
 
-A block is also the unit of work: DataLoader worker ``w`` of ``n`` reads blocks ``w, w+n, ...``
-(counted from where the iterator starts), and since a DataLoader takes items from its workers
-round-robin, the blocks reach the main process in order whatever ``n`` is. The state is then just
-the number of samples yielded to the caller, so a resumed run continues with exactly the samples
-it would have seen (no replay, no skip), with any worker count or batch size.
+The state is one number, the **global position**: the samples all ranks together have taken. A
+run resumed on W' ranks (or with another batch size) continues from that position, so across the
+change no sample is skipped or seen twice within the epoch (elastic resume, train/resume.py).
+
+A global block is also the unit of work: DataLoader worker ``w`` of ``n`` reads blocks ``w, w+n,
+...`` (counted from where the iterator starts), and of each block only the samples of this rank
+(about ``1/W`` of it, one seek each). Since a DataLoader takes items from its workers round-robin,
+the blocks reach the main process in order whatever ``n`` is, so the state is exact with any
+worker count too.
 """
 from __future__ import annotations
 
 import math
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +38,7 @@ from ..data.shards import DataError, expand_shards, split_member
 from ..errors import UserError
 from .cache import LATENT_MEMBER, read_manifest, unpack_tensors
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: per-rank contiguous ranges (before elastic resume); not continued
 
 
 class LoaderStateError(UserError):
@@ -66,86 +73,98 @@ def shard_list(folder: Path, manifest: dict) -> list[tuple[Path, int]]:
 
 @dataclass(frozen=True)
 class Plan:
-    """The order of samples; pure arithmetic, shared by the main process and the workers."""
+    """The order of samples and which rank takes which; pure arithmetic, shared by the main
+    process and the workers. ``start`` is the global position this loader's stream began at (a
+    resumed run's), from which the ranks take runs of ``batch`` positions in turn."""
 
     counts: tuple[int, ...]  # samples per shard
     seed: int
-    rank: int
-    world_size: int
     block: int
+    rank: int = 0
+    world_size: int = 1
+    batch: int = 1
+    start: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
     @property
-    def rank_range(self) -> tuple[int, int]:
-        return self.rank * self.total // self.world_size, (self.rank + 1) * self.total // self.world_size
-
-    @property
-    def rank_samples(self) -> int:
-        lo, hi = self.rank_range
-        return hi - lo
-
-    @property
     def blocks_per_epoch(self) -> int:
-        return math.ceil(self.rank_samples / self.block)
+        return math.ceil(self.total / self.block)
 
-    def segments(self, epoch: int, block: int) -> list[tuple[int, int, int]]:
-        """``[(shard, first, end)]`` of a block, in stream order (before its shuffle)."""
+    def position(self, k: int) -> int:
+        """The global position of this rank's ``k``-th sample (counted from ``start``)."""
+        step, j = divmod(k, self.batch)
+        return self.start + step * self.batch * self.world_size + self.rank * self.batch + j
+
+    def mine(self, lo: int, hi: int) -> np.ndarray:
+        """This rank's global positions in ``[lo, hi)``, in order."""
+        p = np.arange(max(lo, self.start), hi, dtype=np.int64)
+        return p[((p - self.start) // self.batch) % self.world_size == self.rank]
+
+    def sources(self, epoch: int, block: int, within: np.ndarray) -> list[tuple[int, int]]:
+        """``(shard, member)`` of the block's shuffled positions ``within`` (offsets in the block)."""
+        lo = block * self.block
+        n = min(self.block, self.total - lo)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
-        lo = self.rank_range[0] + block * self.block
-        hi = min(lo + self.block, self.rank_range[1])
-        out, start = [], 0
-        for shard in order:
-            end = start + self.counts[shard]
-            if end > lo and start < hi:
-                out.append((int(shard), max(lo, start) - start, min(hi, end) - start))
-            if end >= hi:
-                break
-            start = end
-        return out
-
-    def shuffle(self, epoch: int, block: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, self.rank, self.world_size, block]).permutation(n)
+        ends = np.cumsum([self.counts[s] for s in order])
+        laid = lo + np.random.default_rng([self.seed, epoch, block]).permutation(n)[within]
+        slot = np.searchsorted(ends, laid, side="right")  # which shard of the laid-out sequence
+        first = ends[slot] - np.array([self.counts[s] for s in order])[slot]
+        return [(int(order[i]), int(m)) for i, m in zip(slot, laid - first)]
 
 
 class _Blocks(IterableDataset):
-    """Yields the shuffled blocks this worker owns, from block ``start`` (epoch, block) on."""
+    """Yields this rank's part of the blocks this worker owns, from global position ``first`` on
+    (a block of which this rank has nothing yields an empty part, so the order stays checkable)."""
 
-    def __init__(self, plan: Plan, paths: list[Path], start: tuple[int, int]):
-        self.plan, self.paths, self.start = plan, paths, start
+    def __init__(self, plan: Plan, paths: list[Path], first: int):
+        self.plan, self.paths, self.first = plan, paths, first
         self._index: dict[int, list] = {}  # per worker process: shard -> member offsets
 
-    def _read(self, shard: int, first: int, end: int) -> Iterator[tuple[str, dict, str]]:
+    def _read(self, shard: int, member: int, f) -> tuple[str, dict, str]:
         if shard not in self._index:
             self._index[shard] = index_shard(self.paths[shard])
-        with open(self.paths[shard], "rb") as f:
-            for key, members in self._index[shard][first:end]:
-                payload = {}
-                for ext in (LATENT_MEMBER, "txt"):
-                    offset, size = members[ext]
-                    f.seek(offset)
-                    payload[ext] = f.read(size)
-                yield key, unpack_tensors(payload[LATENT_MEMBER]), payload["txt"].decode("utf-8")
+        key, members = self._index[shard][member]
+        payload = {}
+        for ext in (LATENT_MEMBER, "txt"):
+            offset, size = members[ext]
+            f.seek(offset)
+            payload[ext] = f.read(size)
+        return key, unpack_tensors(payload[LATENT_MEMBER]), payload["txt"].decode("utf-8")
 
-    def block(self, epoch: int, block: int) -> dict:
-        samples = [s for seg in self.plan.segments(epoch, block) for s in self._read(*seg)]
-        order = self.plan.shuffle(epoch, block, len(samples))
-        samples = [samples[i] for i in order]
+    def block(self, epoch: int, block: int, lo: int) -> dict:
+        """This rank's samples of the block, from global position ``lo`` on."""
+        base = epoch * self.plan.total + block * self.plan.block
+        hi = base + min(self.plan.block, self.plan.total - block * self.plan.block)
+        positions = self.plan.mine(lo, hi)
+        if len(positions) == 0:
+            return {"key": [], "caption": []}
+        files: dict[int, object] = {}
+        try:
+            samples = []
+            for shard, member in self.plan.sources(epoch, block, positions - base):
+                f = files.get(shard) or files.setdefault(shard, open(self.paths[shard], "rb"))
+                samples.append(self._read(shard, member, f))
+        finally:
+            for f in files.values():
+                f.close()
         tensors = {name: torch.stack([s[1][name] for s in samples]) for name in samples[0][1]}
         return {**tensors, "key": [s[0] for s in samples], "caption": [s[2] for s in samples]}
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, block, q = *self.start, 0
+        epoch, within = divmod(self.first, self.plan.total)
+        block, lo, q = within // self.plan.block, self.first, 0
         while True:
             if q % workers == worker:
-                yield {**self.block(epoch, block), "q": q}
+                yield {**self.block(epoch, block, lo), "q": q}
             q, block = q + 1, block + 1
             if block == self.plan.blocks_per_epoch:
                 epoch, block = epoch + 1, 0
+            lo = epoch * self.plan.total + block * self.plan.block
 
 
 class LatentLoader:
@@ -154,9 +173,11 @@ class LatentLoader:
     ``next(iter(loader))`` -> ``{"mean": [B,C,h,w], "std": [B,C,h,w], "context": [B,L,D]`` (or
     ``"tokens": [B,L]`` int32 for a tokens-only cache), ``"key": list[str], "caption": list[str]}``;
     tensors keep the cache's dtype (fp16/bf16). A cache storing one fixed ``sample`` gives it as
-    ``mean`` with ``std`` 0. ``state_dict()`` counts the samples of batches already yielded;
-    ``load_state_dict()`` makes the next ``iter()`` continue right after them. Buffered in memory:
-    about ``(num_workers * prefetch_factor + 1) * shuffle_buffer`` samples.
+    ``mean`` with ``std`` 0. ``state_dict()`` holds the global position after the batches already
+    yielded (every rank of the job having drawn as many); ``load_state_dict()`` makes the next
+    ``iter()`` continue there, whatever this loader's rank, world size, batch size or worker count.
+    Buffered in memory: about ``(num_workers * prefetch_factor + 1) * shuffle_buffer / world_size``
+    samples.
     """
 
     def __init__(
@@ -170,11 +191,11 @@ class LatentLoader:
         self.manifest = read_manifest(self.folder)
         shards = shard_list(self.folder, self.manifest)
         self.paths = [p for p, _ in shards]
-        self.plan = Plan(tuple(n for _, n in shards), seed, rank, world_size, shuffle_buffer)
-        if self.plan.rank_samples == 0:
-            raise DataError(f"latent cache {self.folder} has {self.plan.total} samples: none left for rank {rank} of {world_size}")
+        self.plan = Plan(tuple(n for _, n in shards), seed, shuffle_buffer, rank, world_size, batch_size)
+        if self.plan.total == 0:
+            raise DataError(f"latent cache {self.folder} has no samples")
         self.batch_size, self.num_workers, self.prefetch_factor = batch_size, num_workers, prefetch_factor
-        self.samples_yielded = 0
+        self.samples_yielded = 0  # by this rank, since ``plan.start``
 
     @classmethod
     def from_config(cls, folder, cfg, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> "LatentLoader":
@@ -187,31 +208,34 @@ class LatentLoader:
         return self.plan.total
 
     @property
-    def rank_samples_per_epoch(self) -> int:
-        return self.plan.rank_samples
+    def position(self) -> int:
+        """The global position after this rank's batches so far: the samples the job has taken
+        when every rank has drawn as many batches (the loop's ranks draw in lockstep)."""
+        return self.plan.start + self.samples_yielded * self.plan.world_size
 
     @property
     def epoch(self) -> int:
-        return self.samples_yielded // self.plan.rank_samples
+        return self.position // self.plan.total
 
     def state_dict(self) -> dict:
         p = self.plan
-        return {"version": STATE_VERSION, "samples_yielded": self.samples_yielded, "epoch": self.epoch,
-                "seed": p.seed, "rank": p.rank, "world_size": p.world_size, "shuffle_buffer": p.block,
-                "samples_per_epoch": p.total}
+        return {"version": STATE_VERSION, "position": self.position, "epoch": self.epoch, "seed": p.seed,
+                "shuffle_buffer": p.block, "samples_per_epoch": p.total,
+                "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch}  # the last three: information
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("version", "seed", "rank", "world_size", "shuffle_buffer", "samples_per_epoch"):
+        for key in ("version", "seed", "shuffle_buffer", "samples_per_epoch"):
             if state.get(key) != mine[key]:
                 raise LoaderStateError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {key}={mine[key]!r}; "
                     "the sample order depends on it, so the run cannot continue exactly"
                 )
-        self.samples_yielded = int(state["samples_yielded"])
+        self.plan = replace(self.plan, start=int(state["position"]))
+        self.samples_yielded = 0
 
-    def _blocks(self, start: tuple[int, int]) -> Iterator[dict]:
-        dataset = _Blocks(self.plan, self.paths, start)
+    def _blocks(self, first: int) -> Iterator[dict]:
+        dataset = _Blocks(self.plan, self.paths, first)
         if self.num_workers == 0:
             yield from dataset
             return
@@ -220,16 +244,13 @@ class LatentLoader:
         yield from loader
 
     def __iter__(self) -> Iterator[dict]:
-        within = self.samples_yielded % self.plan.rank_samples
-        start = (self.epoch, within // self.plan.block)
-        skip = within % self.plan.block
         pending: list[dict] = []  # pieces of blocks not yet batched
         have = 0
-        for q, block in enumerate(self._blocks(start)):
+        for q, block in enumerate(self._blocks(self.plan.position(self.samples_yielded))):
             if block.pop("q") != q:  # the round-robin order this design relies on
                 raise RuntimeError(f"latent loader: block {q} expected from the workers, got another")
-            if skip:
-                block, skip = _slice(block, skip, None), 0
+            if not block["key"]:
+                continue
             pending.append(block)
             have += len(block["key"])
             while have >= self.batch_size:

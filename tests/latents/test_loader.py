@@ -1,5 +1,6 @@
 """The streaming latent loader: exactly-once epochs across ranks, an order independent of the
-worker count, and exact resume (no replay, no skip) across a change of workers."""
+worker count, and exact resume (no replay, no skip) across a change of workers, batch size and
+number of ranks."""
 from __future__ import annotations
 
 import json
@@ -64,21 +65,65 @@ def test_batch_layout(cache):
     assert batch["caption"] == [f"caption {i}" for i in index]
 
 
+def job_steps(loaders, steps, its=None):
+    """``steps`` lockstep steps of all ranks: the keys of each step, rank 0's batch first."""
+    its = its or [iter(lo) for lo in loaders]
+    return [[k for it in its for k in next(it)["key"]] for _ in range(steps)], its
+
+
+def ranks(world_size, batch_size, **kwargs):
+    return [LatentLoader(batch_size=batch_size, rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
+
+
+def assert_epochs_exactly_once(sequence):
+    """Cut into consecutive epochs of N, each full one holds every key once, the last no key twice."""
+    for e in range(0, len(sequence), N):
+        epoch = sequence[e : e + N]
+        assert len(set(epoch)) == len(epoch), f"a key twice in epoch {e // N}"
+        if len(epoch) == N:
+            assert sorted(epoch) == [f"k{i:04d}" for i in range(N)]
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_every_sample_once_per_epoch_across_ranks(cache, world_size):
-    epochs = {0: [], 1: []}
-    for rank in range(world_size):
-        loader = LatentLoader(cache, batch_size=1, seed=7, rank=rank, world_size=world_size, shuffle_buffer=6)
-        assert loader.samples_per_epoch == N
-        n = loader.rank_samples_per_epoch
-        assert abs(n - N / world_size) < 1
-        seen = keys(take(loader, 2 * n)[0])
-        epochs[0] += seen[:n]
-        epochs[1] += seen[n:]
-        assert loader.epoch == 2
-    for e in (0, 1):
-        assert sorted(epochs[e]) == [f"k{i:04d}" for i in range(N)]  # each exactly once
-    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    """3 ranks x batch 2 for 13 steps: 78 samples, two full epochs of 37 and 4 of the third."""
+    loaders = ranks(world_size, 2, folder=cache, seed=7, shuffle_buffer=6)
+    assert loaders[0].samples_per_epoch == N
+    steps, _ = job_steps(loaders, 13 * 3 // world_size)
+    sequence = [k for step in steps for k in step]
+    assert_epochs_exactly_once(sequence)
+    assert sequence[:N] != sequence[N : 2 * N]  # reshuffled every epoch
+    assert loaders[0].position == len(sequence) and loaders[0].epoch == len(sequence) // N
+
+
+def test_the_stream_does_not_depend_on_ranks_or_batch_size(cache):
+    """The job's sequence (steps in order, ranks in order within a step) is one global stream."""
+    reference = keys(take(LatentLoader(cache, batch_size=1, seed=7, shuffle_buffer=6), 60)[0])
+    for world_size, batch in ((2, 3), (3, 2), (4, 5)):
+        steps, _ = job_steps(ranks(world_size, batch, folder=cache, seed=7, shuffle_buffer=6), 60 // (world_size * batch))
+        assert [k for step in steps for k in step] == reference
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1), (2, 3), (3, 2)])
+def test_elastic_resume_continues_the_stream(cache, before, after):
+    """W ranks take 5 steps of 3 (mid-epoch), save rank 0's state; W' ranks resume from it (any
+    rank's state is the same global position). Across the change no key is skipped or repeated
+    within an epoch: the job's sequence is the uninterrupted stream's."""
+    kwargs = dict(folder=cache, seed=3, shuffle_buffer=5)
+    first = ranks(before, 3, **kwargs)
+    head, its = job_steps(first, 5)
+    states = [lo.state_dict() for lo in first]
+    assert {s["position"] for s in states} == {5 * 3 * before}
+    job_steps(first, 2, its)  # drawn after the snapshot: must not count for the resumed run
+    resumed = ranks(after, 3, **kwargs)
+    for lo in resumed:
+        lo.load_state_dict(states[0])
+    tail, _ = job_steps(resumed, 8)
+    sequence = [k for step in head + tail for k in step]
+    assert len(sequence) > N  # the change falls in epoch 0 and the run crosses into epoch 1
+    assert_epochs_exactly_once(sequence)
+    assert sequence == keys(take(LatentLoader(cache, batch_size=1, **{k: v for k, v in kwargs.items() if k != "folder"}),
+                                 len(sequence))[0])
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores, on purpose
@@ -104,7 +149,7 @@ def test_resume_continues_exactly(cache, before, after):
     first = LatentLoader(cache, num_workers=before, **kwargs)
     head, it = take(first, 5)
     state = json.loads(json.dumps(first.state_dict()))  # JSON-serialisable
-    assert state["samples_yielded"] == 25 and state["epoch"] == 25 // first.rank_samples_per_epoch
+    assert state["position"] == 50 and state["epoch"] == 50 // N  # 25 samples of each of 2 ranks
     take(first, 2, it)  # batches drawn after the snapshot must not count for the restored run
     resumed = LatentLoader(cache, num_workers=after, **kwargs)
     resumed.load_state_dict(state)
@@ -122,12 +167,14 @@ def test_resume_with_another_batch_size(cache):
     assert keys(head) + keys(take(resumed, 3)[0]) == reference
 
 
-def test_state_from_another_layout_is_refused(cache):
+def test_state_from_another_order_is_refused(cache):
     state = LatentLoader(cache, batch_size=2, seed=1, world_size=2).state_dict()
-    with pytest.raises(LoaderStateError, match="world_size=2"):
-        LatentLoader(cache, batch_size=2, seed=1, world_size=1).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="seed"):
         LatentLoader(cache, batch_size=2, seed=2, world_size=2).load_state_dict(state)
+    with pytest.raises(LoaderStateError, match="shuffle_buffer"):
+        LatentLoader(cache, batch_size=2, seed=1, shuffle_buffer=3).load_state_dict(state)
+    with pytest.raises(LoaderStateError, match="version=1"):  # the per-rank layout of earlier versions
+        LatentLoader(cache, batch_size=2, seed=1).load_state_dict(dict(state, version=1))
 
 
 def test_bf16_cache_keeps_its_dtype(tmp_path):
