@@ -55,6 +55,11 @@ class LatentDraw:
     def meta(self) -> dict:
         return {} if self.on_host else {"draw": "device"}
 
+    def reseed(self, seed: int) -> None:
+        """Fresh streams (elastic resume: a rank's stream cannot be split across ranks)."""
+        self.host.manual_seed(seed)
+        self.seed, self.on_host, self._device_gen, self._device_state = seed + 7_919, False, None, None
+
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.on_host = meta.get("draw") != "device"
         self._device_gen, self._device_state = None, tensors.get("latent_generator_device")
@@ -102,6 +107,10 @@ class DevicePrefetch:
         self.source.load(tensors, meta)
         self._next = None
 
+    def reseed(self, seed: int) -> None:
+        self.source.reseed(seed)
+        self._next = None
+
     def __getattr__(self, name):  # manifest, null_context, context_shape, ...
         return getattr(self.source, name)
 
@@ -142,6 +151,11 @@ class MemoryBatches:
         self.generator.set_state(tensors["data_generator"])
         self.draw.load(tensors, meta)
 
+    def reseed(self, seed: int) -> None:
+        """Fresh index and latent draws (elastic resume; the draws are with replacement, so there
+        is no position to carry over)."""
+        self.draw.reseed(seed)
+
 
 class StreamBatches:
     """Batches streamed from the latent shards by :class:`LatentLoader` (each rank its share,
@@ -160,12 +174,15 @@ class StreamBatches:
         self.draw = LatentDraw(self.generator, seed + rank)
         self.scale = self.manifest["scaling_factor"]
         self.shift = self.manifest["shift_factor"]
+        self.batch_size = batch_size
+        self.last_keys: list[str] = []  # the sample keys of the latest batch (what a step trained on)
         self._batches = None
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             self._batches = iter(self.loader)
         batch = next(self._batches)
+        self.last_keys = batch["key"]
         mean, std = to_device(batch["mean"], device), to_device(batch["std"], device)
         z = to_latent(mean, std, self.scale, self.shift, generator=self.draw.generator(device))
         if self.tokens:
@@ -183,6 +200,10 @@ class StreamBatches:
         self.generator.set_state(tensors["latent_generator"])
         self.draw.load(tensors, meta)
         self._batches = None  # the next batch continues right after the checkpoint's last one
+
+    def reseed(self, seed: int) -> None:
+        """Fresh latent draws (elastic resume); the sample position is the loader's, kept."""
+        self.draw.reseed(seed)
 
 
 def check_text(manifest: dict, tokens: bool, folder) -> bool:

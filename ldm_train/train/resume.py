@@ -3,9 +3,14 @@
 Exactness: model, optimizer, LR scheduler, grad scaler, every EMA, the step/sample counters,
 every rank's torch RNG state and its data and noise generators are restored, so on a
 deterministic device (CPU) a run of 2N steps equals N steps + resume + N steps bit for bit.
+
+Elastic: a checkpoint of W ranks resumes on W' ranks (reshard.py says what each part becomes);
+the data position carries over exactly, the reduction order (and so the bits) cannot.
 """
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from accelerate import Accelerator
 
 from ..errors import UserError
 from . import checkpoint as ck
+from . import reshard
 from .ema import EMA
 from .lora import has_adapter, load_adapter, rank_alpha, select_adapter
 from .strategy import is_deepspeed
@@ -98,51 +104,95 @@ def adapter_metadata(module: torch.nn.Module) -> dict[str, str]:
 
 
 def check_compatible(ckpt: Path, parts: TrainParts, strategy: str) -> dict:
+    """The checkpoint's state.json, if this run can continue it: the same strategy and EMA
+    decays (another world size or EMA sharding is converted, not refused)."""
     state = ck.read_state(ckpt)
-    acc = parts.accelerator
-    if state.get("world_size") != acc.num_processes:
-        raise ResumeError(
-            f"{ckpt} was saved by {state.get('world_size')} processes, this run has {acc.num_processes}: "
-            "resume with the same number of processes (or start over with --overwrite)"
-        )
     if state.get("strategy") != strategy:
-        raise ResumeError(f"{ckpt} was saved with distributed.strategy={state.get('strategy')}, this run uses {strategy}")
-    if state["ema"]["decays"] != parts.ema.decays or state["ema"]["world"] != parts.ema.layout.world:
-        raise ResumeError(
-            f"{ckpt} holds EMAs {state['ema']['decays']} over {state['ema']['world']} shard(s); this run wants "
-            f"{parts.ema.decays} over {parts.ema.layout.world} (train.ema_decays, distributed.ema_sharded)"
-        )
+        raise ResumeError(f"{ckpt} was saved with distributed.strategy={state.get('strategy')}, this run uses "
+                          f"{strategy}: resume with distributed.strategy={state.get('strategy')} (or start over with --overwrite)")
+    if state["ema"]["decays"] != parts.ema.decays:
+        raise ResumeError(f"{ckpt} holds EMAs {state['ema']['decays']}; this run wants {parts.ema.decays} (train.ema_decays)")
+    if not isinstance(state.get("world_size"), int) or state["world_size"] < 1:
+        raise ResumeError(f"{ckpt}/state.json: world_size={state.get('world_size')!r} is not a process count")
     return state
 
 
-def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None:
-    """Load ``ckpt`` into ``parts`` (every rank calls this)."""
-    state = check_compatible(ckpt, parts, strategy)
+def _restore_model(parts: TrainParts, ckpt: Path, state: dict, adapter: bool) -> None:
     acc = parts.accelerator
     module = acc.unwrap_model(parts.model)
-    adapter = has_adapter(module)
+    if is_deepspeed(acc):  # LoRA: the checkpoint has the adapter only, the base is already in place
+        if state["world_size"] == acc.num_processes:
+            parts.model.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG, load_module_strict=not adapter)
+            return
+        if adapter:
+            raise ResumeError(f"{ckpt}: a LoRA run under {state['strategy']} resumes on {state['world_size']} "
+                              f"processes only (this run has {acc.num_processes}); DeepSpeed's universal checkpoint "
+                              "needs every parameter, and a LoRA checkpoint leaves the frozen base out")
+        folder = reshard.universal_folder(ckpt)
+        if acc.is_main_process:
+            reshard.convert_to_universal(ckpt, DS_TAG)
+        acc.wait_for_everyone()
+        reshard.load_universal(parts.model, folder, DS_TAG, strict=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    if adapter:
+        load_adapter(module, ck.load_weights(ckpt, "model"))
+    else:
+        module.load_state_dict(ck.load_weights(ckpt, "model"))
+    parts.optimizer.load_state_dict(ck.load_optimizer_state(ckpt))  # full on every rank: any world size
+    if acc.scaler is not None and "grad_scaler" in state:
+        acc.scaler.load_state_dict(state["grad_scaler"])
+
+
+def _restore_ema(parts: TrainParts, ckpt: Path, state: dict) -> None:
+    layout = parts.ema.layout
+    if state["ema"]["world"] == layout.world:
+        chunk, num_updates = ck.load_ema_chunk(ckpt, layout.rank, layout.world)
+    else:  # another world size (sharded EMA) or distributed.ema_sharded changed: re-cut
+        chunk, num_updates = reshard.recut_ema(ckpt, layout, len(parts.ema.decays))
+    parts.ema.load_state_dict(chunk, num_updates)
+
+
+def _restore_rank(parts: TrainParts, ckpt: Path, state: dict) -> None:
+    """This rank's RNG streams and data state: its own file on the same world size; else the data
+    position (every old rank's agrees) and fresh streams seeded for (seed, step, world, rank)."""
+    acc = parts.accelerator
+    rank, world = acc.process_index, acc.num_processes
+    if state["world_size"] == world:
+        tensors, meta = ck.read_rank_state(ckpt, rank)
+        parts.batches.load(tensors, meta["data"])
+        torch.set_rng_state(tensors["torch_cpu"])
+        parts.noise_gen.set_state(tensors["noise_generator"])
+        if "torch_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["torch_cuda"], acc.device)
+        return
+    tensors, data = reshard.saved_data_state(ckpt, state["world_size"])
+    parts.batches.load(tensors, data)
+    seed = [state.get("seed", 0), state["step"], world, rank]
+    parts.batches.reseed(reshard.rank_seed(*seed, 0))
+    torch.manual_seed(reshard.rank_seed(*seed, 1))  # the CPU and every CUDA device
+    parts.noise_gen.manual_seed(reshard.rank_seed(*seed, 2))
+    if acc.is_main_process:
+        per_rank = parts.batches.batch_size * acc.gradient_accumulation_steps
+        print(f"[ldm_train] elastic resume of {ckpt} (saved by {state['world_size']} processes) on {world}: "
+              f"global batch {per_rank * state['world_size']} -> {per_rank * world} samples per step "
+              f"(train.batch_size stays per process; the LR schedule continues by step)", file=sys.stderr, flush=True)
+
+
+def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None:
+    """Load ``ckpt`` into ``parts`` (every rank calls this), converting a checkpoint of another
+    world size (reshard.py)."""
+    state = check_compatible(ckpt, parts, strategy)
+    adapter = has_adapter(parts.accelerator.unwrap_model(parts.model))
     if adapter != state.get("lora", False):
         raise ResumeError(f"{ckpt} was saved {'with' if state.get('lora') else 'without'} train.lora; this run "
                           f"trains {'a LoRA adapter' if adapter else 'full weights'}")
-    if is_deepspeed(acc):  # LoRA: the checkpoint has the adapter only, the base is already in place
-        parts.model.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG, load_module_strict=not adapter)
-    else:
-        if adapter:
-            load_adapter(module, ck.load_weights(ckpt, "model"))
-        else:
-            module.load_state_dict(ck.load_weights(ckpt, "model"))
-        parts.optimizer.load_state_dict(ck.load_optimizer_state(ckpt))
-        if acc.scaler is not None and "grad_scaler" in state:
-            acc.scaler.load_state_dict(state["grad_scaler"])
+    _restore_model(parts, ckpt, state, adapter)
     parts.scheduler.load_state_dict(state["lr_scheduler"])
     for group, lr in zip(parts.scheduler.optimizer.param_groups, parts.scheduler.get_last_lr()):
         group["lr"] = lr  # the LR of the next step, whatever the optimizer's own checkpoint held
-    chunk, num_updates = ck.load_ema_chunk(ckpt, parts.ema.layout.rank, parts.ema.layout.world)
-    parts.ema.load_state_dict(chunk, num_updates)
-    tensors, meta = ck.read_rank_state(ckpt, acc.process_index)
-    parts.batches.load(tensors, meta["data"])
-    torch.set_rng_state(tensors["torch_cpu"])
-    parts.noise_gen.set_state(tensors["noise_generator"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"], acc.device)
+    _restore_ema(parts, ckpt, state)
+    _restore_rank(parts, ckpt, state)
     parts.counters = Counters(state["step"], state["samples_seen"], state["nonfinite_skipped"])

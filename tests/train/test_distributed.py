@@ -33,11 +33,11 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def torchrun(*args: str) -> list[str]:
-    """torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told (the
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """``nproc`` processes on this machine. torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told (the
     flag, or PET_SIGNALS_TO_HANDLE; TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by it)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *args,
     ]
 
