@@ -108,7 +108,7 @@ def convert_to_universal(ckpt: Path, tag: str) -> Path:
     out.mkdir(parents=True)
     args = SimpleNamespace(input_folder=str(ckpt / "deepspeed" / tag), output_folder=str(out / f"{tag}_universal"),
                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                           inject_missing_state=False)
+                           inject_missing_state=True)  # the version key; a plain module has no TP/PP patterns
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout is the CLI's JSON summary
         ds_to_universal(args)
     return out
