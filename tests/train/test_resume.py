@@ -76,7 +76,9 @@ def test_cli_rerun_resumes_and_may_extend_steps_but_not_change_the_run(micro_run
     assert [p.name for p in ck.list_checkpoints(cut / "checkpoints")] == ["step-0000002"]
 
 
-def test_resume_refuses_another_world_size(micro_run, tmp_path, capsys):
+def test_resume_from_more_processes_names_a_missing_rank_file(micro_run, tmp_path, capsys):
+    """A checkpoint's state.json says 4 processes saved it; an elastic resume reads every old
+    rank's file (the data position), so the missing ones are named, without a traceback."""
     run = copy_run(micro_run, tmp_path / "run")
     assert cli_train(run, "train.steps=4", "train.checkpoint_every=2") == 0
     latest = ck.latest_checkpoint(run / "checkpoints")
@@ -87,7 +89,16 @@ def test_resume_refuses_another_world_size(micro_run, tmp_path, capsys):
     capsys.readouterr()
     assert cli_train(run, "train.steps=4", "train.checkpoint_every=2") == 2
     err = capsys.readouterr().err
-    assert "saved by 4 processes" in err and "Traceback" not in err
+    assert "saved by 4 ranks but has no rank-00001.safetensors, rank-00002.safetensors, rank-00003.safetensors" in err
+    assert "Traceback" not in err
+
+
+def test_resume_with_another_model_config_is_still_refused(micro_run, tmp_path, capsys):
+    run = copy_run(micro_run, tmp_path / "run")
+    assert cli_train(run, "train.steps=2", "train.checkpoint_every=2") == 0
+    capsys.readouterr()
+    assert cli_train(run, "train.steps=4", "model.block_out_channels=[16,16]") == 2
+    assert "model.block_out_channels" in capsys.readouterr().err
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(micro_run, micro_latents, tmp_path, monkeypatch):
@@ -273,7 +284,7 @@ def test_streamed_batches_resume_exactly_with_another_worker_count(micro_run, tm
     assert json.loads(capsys.readouterr().out)["resumed_from"].endswith("step-0000004")
     assert same(weights(whole, 8), weights(cut, 8))
     _, meta = ck.read_rank_state(cut / "checkpoints" / "step-0000008", 0)
-    assert meta["data"]["source"] == "stream" and meta["data"]["loader"]["samples_yielded"] == 64
+    assert meta["data"]["source"] == "stream" and meta["data"]["loader"]["position"] == 64
     memory = copy_run(micro_run, tmp_path / "memory")  # a different sample order: different weights
     assert cli_train(memory, "train.steps=8", "train.checkpoint_every=4") == 0
     assert not same(weights(whole, 8), weights(memory, 8))
