@@ -34,8 +34,9 @@ def env() -> dict:
 
 
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
-    """``nproc`` processes on this machine. torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told (the
-    flag, or PET_SIGNALS_TO_HANDLE; TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by it)."""
+    """``nproc`` processes on this machine (test_elastic.py uses 1, 2 and 3). torchrun forwards
+    only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told (the flag, or
+    PET_SIGNALS_TO_HANDLE; TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by it)."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *args,
