@@ -115,9 +115,10 @@ def test_resume_on_another_number_of_processes(micro_run, tmp_path, strategy):
     assert not list((run / "checkpoints").glob(".universal-*"))  # the DeepSpeed conversion is cleared
     sequence = job_sequence(run, chain)
     total = sum(EVERY * BATCH * w for w in chain)
-    assert len(sequence) == total > n_train  # the run crosses into a second epoch
+    assert len(sequence) == total
     for e in range(0, total, n_train):
         epoch = sequence[e : e + n_train]
         assert len(set(epoch)) == len(epoch), f"a sample twice in epoch {e // n_train}"
-    assert sorted(sequence[:n_train]) == sorted(set(sequence))  # the first epoch has every sample
+    if len(chain) == 4:  # 32 samples of 24: the run crosses into a second epoch
+        assert total > n_train and len(set(sequence[:n_train])) == n_train  # epoch 0 has every sample
     assert sequence == stream(run, total)
