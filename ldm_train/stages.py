@@ -65,7 +65,9 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
     report = SkipReport()
-    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report, **cfg.data.read_options())
+    # squares at data.resolution also with data.buckets: the autoencoder is convolutional, it encodes any bucket
+    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report,
+                               **cfg.data.read_options(buckets=False))
     check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-vae")
     log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
     vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
