@@ -120,6 +120,10 @@ def load_latents(folder: str | Path) -> LatentData:
         keys.append(sample["__key__"])
     if not keys:
         raise DataError(f"latent cache {folder} holds no samples")
+    if len({m.shape for m in means}) > 1:
+        shapes = ", ".join(sorted(manifest.get("bucket_samples", {})))
+        raise DataError(f"latent cache {folder} holds latents of several shapes (data.buckets: {shapes}); "
+                        "it is read batch by batch, one bucket at a time, by the streaming loader")
     null = load_file(str(folder / NULL_CONTEXT))["context"]
     context = torch.stack(contexts) if contexts else None
     token_ids = torch.stack(tokens) if tokens else None

@@ -207,6 +207,10 @@ def training_batches(
     held in memory (small sets) or streamed from its shards (any size)."""
     tokens = train.lora.enabled and train.lora.text_encoder
     if train.data_source == "memory":
-        check_text(read_manifest(folder), tokens, folder)  # before reading the split
+        manifest = read_manifest(folder)
+        check_text(manifest, tokens, folder)  # before reading the split
+        if manifest.get("buckets"):
+            raise DataError(f"latent cache {folder} was encoded with data.buckets (latents of several shapes); "
+                            "train.data_source: memory holds one shape: set train.data_source=stream")
         return MemoryBatches(load_latents(folder), train.batch_size, seed, rank, tokens)
     return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size, tokens)
