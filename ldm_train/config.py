@@ -532,6 +532,11 @@ class EvalConfig(Section):
     guidance_sweep: list[float] = Field([], description="evaluation during training: one grid + metrics per scale")
     seed: int = Field(0, description="seed of the start noise")
     samples_per_prompt: int = Field(4, gt=0, description="images per prompt in grids")
+    width: int | None = Field(
+        None, gt=0, description="sampled image width in pixels (grids, eval, sample); null = the trained size "
+                                "(with data.buckets: the bucket nearest to square)")
+    height: int | None = Field(
+        None, gt=0, description="sampled image height in pixels; null = the trained size; `sample --height` wins")
     # Images sampled together; halved and retried when the GPU runs out of memory (so the
     # batch ends up sized to memory), which changes images only for the stochastic samplers.
     batch_size: int = Field(

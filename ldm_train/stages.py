@@ -212,14 +212,14 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
     """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid; see
     :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size."""
     from .eval.pipeline import load_pipeline
-    from .eval.sample import generate, latent_shape
+    from .eval.sample import generate, latent_shape, sample_size
     from .utils.images import save_grid
     from .utils.runs import check_output, pick_device
 
     check_output(out, overwrite, "sample")
     device = pick_device(cfg.distributed.cpu)
     pipe = load_pipeline(checkpoint, device, step)
-    latent_shape(pipe, height, width)  # a size that does not fit is refused before any sampling
+    latent_shape(pipe, *sample_size(cfg.eval, height, width))  # a size that does not fit is refused before any sampling
     images, captions = generate(pipe, prompts, cfg.eval, device, progress=True,
                                 negative_prompt=negative_prompt, height=height, width=width)
     save_grid(out, images, ncols=cfg.eval.samples_per_prompt, captions=captions)
