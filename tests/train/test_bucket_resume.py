@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ldm_train.cli import main
 from ldm_train.data.shards import write_shards
 from ldm_train.train import checkpoint as ck
+from PIL import Image
 
 from conftest import MICRO, micro_config
 from photos import GRID, photo_samples
@@ -43,7 +44,7 @@ def cli_train(run, *overrides) -> int:
 
 def copy(run, root):
     root.mkdir(parents=True)
-    for part in ("latents", "stages"):
+    for part in ("latents", "stages", "vae", "text", "data"):
         shutil.copytree(run / part, root / part)
     return root
 
@@ -77,6 +78,14 @@ def test_bucketed_training_resumes_bitwise_with_another_worker_count(bucket_run,
     # the first epoch's 16 samples (its 7 batches, short ones included), then one batch of the second
     assert loader["samples_yielded"] - 16 in (1, 2, 3)
     assert loader["buckets"] == {"64x128": 2, "80x112": 3, "96x96": 4, "112x80": 4, "128x64": 3}
+    # evaluation of the bucketed run: the held-out loss over the val split's 4 buckets, images at eval.width/height
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(cut), "--out", str(out), "--num-samples", "2", "--steps", "2",
+                 "--config", str(MICRO), f"run.dir={cut}", "distributed.cpu=true", *COMMON,
+                 "eval.width=64", "eval.height=128"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["val_samples"] == 4 and report["val_loss"] > 0
+    assert Image.open(out / "images" / "sample_000000.png").size == (64, 128)
 
 
 def test_a_cache_with_other_buckets_or_none_is_refused_naming_the_key(bucket_run, tmp_path, capsys):
