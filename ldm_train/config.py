@@ -65,8 +65,10 @@ class BucketsConfig(Section):
     (checked by ``encode``, which knows the autoencoder)."""
 
     sizes: list[list[int]] | None = Field(
-        None, description="explicit buckets: [[width, height], ...] in pixels, at about one area; null = the grid")
-    area: int | None = Field(None, gt=0, description="grid: the target area in pixels (e.g. 262144 = 512 x 512)")
+        None, description="explicit buckets: [[width, height], ...] in pixels, at about one area; null = the grid (area), "
+                    "or no buckets when area is null too")
+    area: int | None = Field(
+        None, gt=0, description="grid: the target area in pixels (e.g. 262144 = 512 x 512); null (and no sizes) = square crops")
     step: int = Field(64, gt=0, description="grid: widths and heights are multiples of this")
     max_ratio: float = Field(2.0, ge=1.0, description="grid: the longest side / the shortest side at most")
 
@@ -218,7 +220,10 @@ class LoaderConfig(Section):
     order depends on the seed, epoch, rank and world size only, never on ``num_workers``, so a
     resumed run may use another worker count. ``shuffle_buffer``: samples shuffled together (a
     seeded shuffle of consecutive blocks of this size of the rank's stream; shard order is
-    permuted every epoch); also the unit of work of one worker."""
+    permuted every epoch); also the unit of work of one worker. A cache encoded with ``data.buckets``
+    gives batches of one bucket at a time (:mod:`ldm_train.latents.buckets`: a batch is then the
+    unit of work, the last batch of each bucket in an epoch holds its remainder, and a resume
+    keeps ``train.batch_size``)."""
 
     num_workers: int = Field(2, ge=0, description="DataLoader workers (the sample order does not depend on it)")
     shuffle_buffer: int = Field(1024, gt=0, description="samples shuffled together; also one worker's unit of work")

@@ -110,7 +110,8 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
                 failures.append(str(e))
                 continue
             summary[split] = {"samples": result["samples_written"], "skipped": result["report"],
-                              "complete": result["complete"], "dir": str(root / split)}
+                              "complete": result["complete"], "dir": str(root / split),
+                              **({"buckets": result["bucket_samples"]} if result.get("bucket_samples") else {})}
     if failures:
         raise FailedShardsError(" | ".join(failures))
     return summary

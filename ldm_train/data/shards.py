@@ -417,8 +417,8 @@ def iter_samples(
     Images whose shorter side is below ``min_size`` are skipped as ``too_small``; ``crop`` is
     ``center`` or ``random`` (seeded by ``seed`` and the key). With ``buckets`` (``(w, h)`` each, see
     :mod:`.buckets`) each image is cropped to its bucket instead of a ``resolution`` square, the
-    sample says which (``"bucket"``), and an image that covers no bucket is ``too_small``. Bad samples are skipped and counted
-    in ``report``, failed shards named in ``report.failed_shards``. Raises :class:`DataError` at
+    sample says which (``"bucket"``), and an image that covers no bucket is ``too_small``. Bad
+    samples are skipped and counted in ``report``, failed shards named in ``report.failed_shards``. Raises :class:`DataError` at
     the end when nothing at all was usable (training on zero samples is always a mistake), unless
     ``allow_empty`` (a caller reading one shard of many)."""
     for url in expand_shards(spec):

@@ -200,11 +200,6 @@ class BucketLoader:
         self.batches_yielded = 0
         self.samples_yielded = 0
 
-    @classmethod
-    def from_config(cls, folder, cfg, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> "BucketLoader":
-        """From a :class:`ldm_train.config.LoaderConfig` (``latents.loader``)."""
-        return cls(folder, batch_size, seed, rank, world_size, cfg.num_workers, cfg.shuffle_buffer, cfg.prefetch_factor)
-
     @property
     def samples_per_epoch(self) -> int:
         """Samples in one epoch of the whole job (all ranks together)."""
@@ -260,7 +255,7 @@ class BucketLoader:
 
 def open_loader(folder: str | Path, cfg, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
     """The streaming loader for the cache in ``folder``: a :class:`BucketLoader` when it was
-    encoded with ``data.buckets``, else a :class:`~ldm_train.latents.loader.LatentLoader`."""
-    if read_manifest(Path(folder)).get("buckets"):
-        return BucketLoader.from_config(folder, cfg, batch_size, seed, rank, world_size)
-    return LatentLoader.from_config(folder, cfg, batch_size, seed, rank, world_size)
+    encoded with ``data.buckets``, else a :class:`~ldm_train.latents.loader.LatentLoader`; ``cfg``
+    is a :class:`ldm_train.config.LoaderConfig` (``latents.loader``)."""
+    kind = BucketLoader if read_manifest(Path(folder)).get("buckets") else LatentLoader
+    return kind(folder, batch_size, seed, rank, world_size, cfg.num_workers, cfg.shuffle_buffer, cfg.prefetch_factor)

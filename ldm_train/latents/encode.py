@@ -300,8 +300,9 @@ def summary_line(name: str, manifest: dict) -> str:
     r = manifest["report"]
     skipped = ", ".join(f"{k}={v}" for k, v in r.get("skipped", {}).items()) or "none"
     failed = ", ".join(f["shard"] for f in manifest["failed_shards"]) or "none"
-    return (f"encode {name}: samples in {r.get('seen', 0)}, written {manifest['samples_written']}, "
-            f"skipped: {skipped}; failed shards: {failed}")
+    buckets = ", ".join(f"{k}={v}" for k, v in manifest.get("bucket_samples", {}).items())
+    return (f"encode {name}: samples in {r.get('seen', 0)}, written {manifest['samples_written']}"
+            f"{f' (per bucket: {buckets})' if buckets else ''}, skipped: {skipped}; failed shards: {failed}")
 
 
 def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) -> dict:

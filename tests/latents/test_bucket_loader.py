@@ -14,7 +14,7 @@ from ldm_train.latents.buckets import BucketLoader, open_loader
 from ldm_train.latents.cache import pack_sample, write_manifest
 from ldm_train.latents.loader import LatentLoader, LoaderStateError
 
-from test_loader import write_cache
+from test_loader import keys, take, write_cache
 
 # bucket (w, h) in pixels -> samples per part: 9, 14, 4 and 1 samples; latents are (w, h) / 8
 PARTS = {(64, 128): [5, 4], (96, 96): [6, 3, 5], (128, 64): [4], (112, 80): [1]}
@@ -45,15 +45,6 @@ def write_bucketed(folder, parts=PARTS):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return write_bucketed(tmp_path_factory.mktemp("bucketed") / "train")
-
-
-def take(loader, n, it=None):
-    it = it if it is not None else iter(loader)
-    return [next(it) for _ in range(n)], it
-
-
-def keys(batches):
-    return [k for b in batches for k in b["key"]]
 
 
 def assert_same(a, b):

@@ -58,6 +58,13 @@ def members(path):
         return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
 
 
+def test_summary_line_counts_per_bucket(encoded):
+    from ldm_train.latents.encode import summary_line
+
+    line = summary_line("train", encoded[1])
+    assert "written 16 (per bucket: 112x80=4, 128x64=3, 64x128=2, 80x112=3, 96x96=4), skipped: too_small=1" in line
+
+
 def test_manifest_counts_per_bucket(encoded):
     out, manifest = encoded
     assert manifest["samples_written"] == len(PHOTOS) - 1

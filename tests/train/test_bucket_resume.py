@@ -58,6 +58,7 @@ def test_the_encoded_photographs_per_bucket(bucket_run):
     manifest = json.loads((run / "latents" / "train" / "manifest.json").read_text())
     assert manifest["bucket_samples"] == {"112x80": 4, "128x64": 3, "64x128": 2, "80x112": 3, "96x96": 4}
     assert summary["train"]["samples"] == 16 and summary["train"]["skipped"]["skipped"] == {"too_small": 1}
+    assert summary["train"]["buckets"] == manifest["bucket_samples"]
 
 
 def test_bucketed_training_resumes_bitwise_with_another_worker_count(bucket_run, tmp_path, capsys):
