@@ -39,6 +39,6 @@ echo "setup: installing ldm_train and its dependencies into .venv (first time: a
 
 case "$mode" in
   demo) exec .venv/bin/ldm-train demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test) exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup "$@" ;;  # two workers: see tests/conftest.py
   install) echo "setup: done; run .venv/bin/ldm-train --help" ;;
 esac

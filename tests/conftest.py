@@ -107,3 +107,15 @@ def micro_latents(micro_run):
 
     cfg = micro_run.cfg
     return load_latents(cfg.path(cfg.latents.dir) / "train")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """CI runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``). Every test that
+    starts several processes (``multiprocess``) or uses the local Slurm goes to one worker, one at
+    a time, so at most one multi-rank job runs while the other worker takes the single-process
+    tests: the machine is never asked for more than about three busy processes, and the one local
+    Slurm cluster is started once."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("processes"))
