@@ -162,8 +162,9 @@ class StreamBatches:
     (or, for a cache encoded with ``data.buckets``, :class:`~ldm_train.latents.buckets.BucketLoader`:
     each batch from one bucket, so its shape varies from batch to batch) (each rank its share,
     shuffled with a seeded buffer, DataLoader workers reading ahead): for splits too big to hold
-    in memory. The state is the loader's (samples yielded: exact across a change of worker
-    count) and the generator of the latent draws."""
+    in memory. The state is the loader's (the global position, exact across a change of worker
+    count, batch size or number of processes; bucketed: the batches yielded) and the generator of
+    the latent draws."""
 
     def __init__(self, folder: Path, loader_cfg: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  tokens: bool = False):

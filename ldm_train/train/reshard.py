@@ -83,6 +83,9 @@ def saved_data_state(ckpt: Path, world: int) -> tuple[dict[str, torch.Tensor], d
     missing = [f"rank-{r:05d}.safetensors" for r in range(world) if not _rank_file(ckpt, r)]
     if missing:
         raise ReshardError(f"checkpoint {ckpt} was saved by {world} ranks but has no {', '.join(missing)}")
+    if states[0][1]["data"].get("loader", {}).get("buckets"):
+        raise ReshardError(f"checkpoint {ckpt} streams a bucketed cache (data.buckets), whose batches are dealt to "
+                           f"the ranks round-robin: resume it on {world} processes")
     positions = {json.dumps(meta["data"].get("loader", {}).get("position")) for _, meta in states}
     if len(positions) > 1:
         raise ReshardError(f"checkpoint {ckpt}: the ranks' data loaders stopped at different positions {sorted(positions)}")
