@@ -206,6 +206,11 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon")
     num_class_embeds: int | None = Field(None, gt=0, description="class-conditional: number of classes; null = none")
     upcast_attention: bool = Field(False, description="attention in fp32 under fp16/bf16 autocast (SD 2.1-v)")
+    addition_embed_type: Literal["text_time"] | None = Field(
+        None, description="text_time: SDXL's pooled-text + size/crop conditioning added to the time embedding; null = none")
+    addition_time_embed_dim: int = Field(256, gt=0, description="text_time: sinusoid channels per size/crop id (SDXL: 256)")
+    projection_class_embeddings_input_dim: int | None = Field(
+        None, gt=0, description="text_time: pooled text width + 6 x addition_time_embed_dim (SDXL: 2816)")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass (less memory, slower)")
     init_from: str | None = Field(
