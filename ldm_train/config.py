@@ -116,6 +116,15 @@ class TransformersTextConfig(Section):
         None, description="its CLIPTokenizer folder; null = tokenizer/ beside text_encoder/ (or inside path)")
 
 
+class SDXLTextConfig(Section):
+    """``text.encoder: sdxl``: SDXL's two towers (CLIP ViT-L + OpenCLIP ViT-bigG with projection) in a
+    diffusers ``StableDiffusionXLPipeline`` folder; read from ``path`` by every stage. Set ``text.layer:
+    penultimate`` (SDXL's choice)."""
+
+    path: str | None = Field(
+        None, description="an SDXL pipeline folder holding text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
+
+
 class TextConfig(Section):
     """Frozen text tower. ``encoder: open_clip`` (the default): ``dir`` holds ``open_clip_config.json`` and
     ``open_clip_model.safetensors``. When it is empty the tower is built from ``model_name`` (an
@@ -133,12 +142,14 @@ class TextConfig(Section):
     context_length: int = Field(32, gt=0, description="tokens per caption (tiny tower)")
     pretrained: str | None = Field(None, description="a local open_clip checkpoint file; null = random init from seed")
     seed: int = Field(1234, description="seed of the random init when pretrained is null")
-    encoder: Literal["open_clip", "transformers"] = Field(
-        "open_clip", description="open_clip: the tower in dir (above keys); transformers: a CLIPTextModel (text.transformers)")
+    encoder: Literal["open_clip", "transformers", "sdxl"] = Field(
+        "open_clip", description="open_clip: the tower in dir (above keys); transformers: a CLIPTextModel (text.transformers); "
+                                 "sdxl: SDXL's two towers (text.sdxl)")
     layer: Literal["last", "penultimate"] | Annotated[int, Field(ge=1)] = Field(
         "last", description="hidden states the U-Net attends to, then the final LayerNorm: last, penultimate (SD 2.x), "
                             "or kohya's clip skip N (1 = last, 2 = penultimate)")
     transformers: TransformersTextConfig = TransformersTextConfig()
+    sdxl: SDXLTextConfig = SDXLTextConfig()
 
 
 class LoaderConfig(Section):
