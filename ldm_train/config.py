@@ -389,6 +389,8 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    size_cond_drop_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="SDXL: probability of zeroing a sample's size/crop ids (micro-conditioning dropout)")
     # One EMA per decay (the first is the one sampling and export use; the others are kept in
     # checkpoints as ``ema@DECAY``). Updated every ``ema_every`` optimizer steps; the decay applies
     # per update. Warm-up: decay_t = min(decay, (1 + t) / (10 + t)) for update t.
