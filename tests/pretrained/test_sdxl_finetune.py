@@ -21,7 +21,7 @@ from ldm_train.latents.cache import load_latents
 from ldm_train.model import build_unet
 from ldm_train.model.addition import ContextLayout
 from ldm_train.train.batches import MemoryBatches, StreamBatches, check_conditioning
-from pretrained.tiny_sd import POOLED_WIDTH, TEXT_WIDTH, make_tiny_sd
+from pretrained.tiny_sd import BIGG_WIDTH, POOLED_WIDTH, TEXT_WIDTH, make_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 CPU = torch.device("cpu")
@@ -63,7 +63,7 @@ def sdxl_run(tmp_path_factory, sdxl):
 def test_preset_takes_both_towers_from_the_pipeline(sdxl_run, sdxl):
     cfg = load_config(sdxl_run / "config.yaml")
     assert (cfg.text.encoder, cfg.text.sdxl.path, cfg.text.layer) == ("sdxl", str(sdxl), "penultimate")
-    assert cfg.model.addition_embed_type == "text_time" and cfg.model.cross_attention_dim == 2 * TEXT_WIDTH
+    assert cfg.model.addition_embed_type == "text_time" and cfg.model.cross_attention_dim == (TEXT_WIDTH + BIGG_WIDTH)
     assert cfg.model.init_from == str(sdxl / "unet")
     assert (sdxl_run / "checkpoints" / "step-0000002").is_dir()
     preset = (load_config("sdxl-finetune"))
@@ -97,19 +97,19 @@ def test_training_batches_pack_what_the_cache_holds(sdxl_run, source):
     else:
         batches = StreamBatches(folder, LoaderConfig(num_workers=0, shuffle_buffer=8), 4, seed=0, rank=0, world_size=1)
     _, packed = batches.next(CPU)
-    layout = ContextLayout(2 * TEXT_WIDTH, POOLED_WIDTH)
+    layout = ContextLayout((TEXT_WIDTH + BIGG_WIDTH), POOLED_WIDTH)
     context, pooled, ids = layout.unpack(packed)
-    assert context.shape == (4, 77, 2 * TEXT_WIDTH) and batches.context_shape == [77 + layout.extra_rows, 2 * TEXT_WIDTH]
+    assert context.shape == (4, 77, (TEXT_WIDTH + BIGG_WIDTH)) and batches.context_shape == [77 + layout.extra_rows, (TEXT_WIDTH + BIGG_WIDTH)]
     stored = load_latents(folder)
     rows = [stored.time_ids.tolist().index(r) for r in ids.tolist()]
     torch.testing.assert_close(pooled, stored.pooled[rows].float())
-    assert batches.null_context.shape == (77 + layout.pooled_rows, 2 * TEXT_WIDTH)  # no time-id row: CFG keeps it
+    assert batches.null_context.shape == (77 + layout.pooled_rows, (TEXT_WIDTH + BIGG_WIDTH))  # no time-id row: CFG keeps it
 
 
 def test_size_dropout_zeroes_the_ids(sdxl_run):
     data = load_latents(sdxl_run / "latents" / "train")
     _, packed = MemoryBatches(data, 64, seed=0, rank=0, size_drop=0.5).next(CPU)
-    ids = ContextLayout(2 * TEXT_WIDTH, POOLED_WIDTH).unpack(packed)[2]
+    ids = ContextLayout((TEXT_WIDTH + BIGG_WIDTH), POOLED_WIDTH).unpack(packed)[2]
     dropped = (ids == 0).all(dim=1)
     assert 0 < dropped.sum() < 64 and (ids[~dropped] > 0).any()
 
@@ -121,7 +121,7 @@ def test_an_sdxl_cache_needs_an_sdxl_unet(sdxl_run):
     with pytest.raises(DataError, match="addition_embed_type"):
         check_conditioning(None, batches)
     with pytest.raises(DataError, match="pooled width 32"):
-        check_conditioning(ContextLayout(2 * TEXT_WIDTH, 16), batches)
+        check_conditioning(ContextLayout((TEXT_WIDTH + BIGG_WIDTH), 16), batches)
 
 
 def test_sampling_conditions_as_diffusers_sdxl(sdxl_run, sdxl):
@@ -139,3 +139,18 @@ def test_sampling_conditions_as_diffusers_sdxl(sdxl_run, sdxl):
     cfg = load_config(sdxl_run / "config.yaml")
     images, captions = generate(pipe, prompt, cfg.eval, CPU, height=16, width=24)
     assert images.shape == (1, 3, 16, 24) and torch.isfinite(images).all() and captions == prompt
+
+
+def test_export_is_a_diffusers_sdxl_pipeline_and_a_single_file(sdxl_run, sdxl, tmp_path):
+    args = _args(sdxl, sdxl_run)
+    out = tmp_path / "export"
+    assert main(["export", *args, "--out", str(out), "--single-file", str(tmp_path / "mine.safetensors")]) == 0
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    ours = load_pipeline(sdxl_run, CPU)
+    state = theirs.unet.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in ours.unet.state_dict().items())
+    embeds, _, pooled, _ = theirs.encode_prompt(["red circle"], device="cpu", do_classifier_free_guidance=False)
+    context, our_pooled = ours.text.encode_with_pooled(["red circle"])
+    assert torch.equal(embeds, context) and torch.equal(pooled, our_pooled)
+    from ldm_train.pretrained.single_file import inspect_single_file
+    assert inspect_single_file(tmp_path / "mine.safetensors")[0] == "sdxl"

@@ -12,7 +12,7 @@ conventions a single-file reader relies on hold (nothing is downloaded):
   64 channels per head, linear projections, ``addition_embed_type: text_time``; two towers, a
   ``CLIPTextModel`` (quick_gelu, padded with ``<|endoftext|>``, ViT-L's) and a
   ``CLIPTextModelWithProjection`` (gelu, padded with ``"!"``, bigG's), whose penultimate states
-  concatenate to the U-Net's 128-wide context and whose projection (32) is the pooled embedding;
+  concatenate to the U-Net's 64 + 128 = 192-wide context and whose projection (32) is the pooled embedding;
   an ``EulerDiscreteScheduler`` and scaling factor 0.13025, as SDXL base.
 
 All have an SD-shaped ``AutoencoderKL`` (scaling factor 0.18215), the real CLIP vocabulary
@@ -36,6 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ldm_train.text.tokenizer import EOT, PAD, write_clip_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+BIGG_WIDTH = 128  # the tiny bigG: wider than the tiny ViT-L, as 1280 > 768 (diffusers' single-file loader tells them apart so)
 POOLED_WIDTH = 32  # the tiny bigG's projection_dim (SDXL: 1280)
 TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
 TEXT_WIDTH = 64  # one 64-channel head, as both CLIP towers have (ViT-L 768/12, ViT-H 1024/16)
@@ -50,7 +51,7 @@ def _sdxl_unet() -> UNet2DConditionModel:
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=[c // 64 for c in channels], transformer_layers_per_block=[1, 2],
-        cross_attention_dim=2 * TEXT_WIDTH, norm_num_groups=32, use_linear_projection=True,
+        cross_attention_dim=TEXT_WIDTH + BIGG_WIDTH, norm_num_groups=32, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=POOLED_WIDTH + 6 * TIME_EMBED,
     )
@@ -85,9 +86,10 @@ def _vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
 
 def _text(family: str, projection: bool = False) -> CLIPTextModel:
     sd2 = family == "sd2" or projection
+    width = BIGG_WIDTH if projection else TEXT_WIDTH
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
-        num_attention_heads=TEXT_WIDTH // 64, max_position_embeddings=CONTEXT,
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+        num_attention_heads=width // 64, max_position_embeddings=CONTEXT,
         hidden_act="gelu" if sd2 else "quick_gelu", layer_norm_eps=1e-5,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if sd2 else 49407,
         projection_dim=POOLED_WIDTH if projection else TEXT_WIDTH,

@@ -7,7 +7,7 @@ import torch
 
 from ldm_train.config import TextConfig
 from ldm_train.text import SDXLTextEncoder, TextEncoderError, load_text, load_text_components, save_text_components
-from pretrained.tiny_sd import POOLED_WIDTH, TEXT_WIDTH, make_tiny_sd
+from pretrained.tiny_sd import BIGG_WIDTH, POOLED_WIDTH, TEXT_WIDTH, make_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 CAPTIONS = ["a photograph of an astronaut riding a horse", "", "two cats! " * 30]  # empty and truncated too
@@ -39,7 +39,7 @@ def test_conditioning_equals_encode_prompt(sdxl_folder):
     text = _ours(sdxl_folder)
     context, pooled = text.encode_with_pooled(CAPTIONS)
     embeds, their_pooled = _diffusers(sdxl_folder, CAPTIONS)
-    assert context.shape == (3, 77, 2 * TEXT_WIDTH) and text.width == 2 * TEXT_WIDTH
+    assert context.shape == (3, 77, (TEXT_WIDTH + BIGG_WIDTH)) and text.width == (TEXT_WIDTH + BIGG_WIDTH)
     assert pooled.shape == (3, POOLED_WIDTH) and text.pooled_width == POOLED_WIDTH
     assert _report("context", context, embeds) <= 1e-6
     assert _report("pooled", pooled, their_pooled) <= 1e-6
