@@ -53,6 +53,75 @@ class ConvertDataConfig(Section):
         False, description="folder: an image without NAME.txt gets \"\" instead of a skip")
 
 
+class BucketsConfig(Section):
+    """``data.buckets``: aspect-ratio buckets instead of square crops (``ldm_train.data.buckets``).
+    Off by default (neither key set: square crops at ``data.resolution``). Either ``sizes``, an
+    explicit list of ``[width, height]`` at about one area, or ``area`` with
+    ``step`` and ``max_ratio``: every ``width`` a multiple of ``step``, its ``height`` the largest
+    multiple of ``step`` with ``width * height <= area``, kept (with its transpose) when the longer
+    side is at most ``max_ratio`` times the shorter. Each image goes to the bucket of nearest log aspect ratio and
+    is resized to cover it and cropped (``data.crop``); an image that covers no bucket is skipped
+    as ``too_small``. Sizes must be multiples of 8 x the autoencoder's downsampling factor
+    (checked by ``encode``, which knows the autoencoder)."""
+
+    sizes: list[list[int]] | None = Field(
+        None, description="explicit buckets: [[width, height], ...] in pixels, at about one area; null = the grid (area), "
+                    "or no buckets when area is null too")
+    area: int | None = Field(
+        None, gt=0, description="grid: the target area in pixels (e.g. 262144 = 512 x 512); null (and no sizes) = square crops")
+    step: int = Field(64, gt=0, description="grid: widths and heights are multiples of this")
+    max_ratio: float = Field(2.0, ge=1.0, description="grid: the longest side / the shortest side at most")
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> "BucketsConfig":
+        if self.sizes is not None and self.area is not None:
+            raise ValueError("data.buckets: give either sizes (an explicit list) or area (the grid), not both")
+        if self.sizes is None and self.area is None:
+            return self
+        if self.sizes is not None:
+            grid_keys = sorted({"step", "max_ratio"} & self.model_fields_set)
+            if grid_keys:
+                raise ValueError(f"data.buckets.{grid_keys[0]} belongs to the grid (area); with an explicit sizes list, remove it")
+            _check_bucket_list(self.sizes)
+        elif not self.grid():
+            raise ValueError(f"data.buckets: no bucket of area <= {self.area} with sides multiples of {self.step}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.sizes is not None or self.area is not None
+
+    def grid(self) -> list[tuple[int, int]]:
+        """The generated buckets (``area``, ``step``, ``max_ratio``), sorted by aspect ratio."""
+        out = set()
+        for w in range(self.step, self.area // self.step + 1, self.step):
+            h = self.area // w // self.step * self.step
+            if h >= self.step and max(w, h) <= self.max_ratio * min(w, h):
+                out.update({(w, h), (h, w)})  # both orientations, as kohya's sd-scripts make them
+        return sorted(out, key=lambda s: (s[0] / s[1], s[0]))
+
+    def resolved(self) -> list[tuple[int, int]]:
+        """The buckets as ``(width, height)``: ``sizes`` as given, or the grid."""
+        return [(w, h) for w, h in self.sizes] if self.sizes is not None else self.grid()
+
+
+def _check_bucket_list(sizes: list[list[int]]) -> None:
+    """Each entry a pair of positive ints; no entry twice, and no two of one aspect ratio (the
+    second would never be chosen). Names the entry."""
+    seen: dict[tuple[int, int], int] = {}
+    for i, entry in enumerate(sizes):
+        if len(entry) != 2 or min(entry) <= 0:
+            raise ValueError(f"data.buckets.sizes[{i}] = {entry}: a bucket is [width, height], both positive")
+        w, h = entry
+        for (ow, oh), j in seen.items():
+            if (ow, oh) == (w, h):
+                raise ValueError(f"data.buckets.sizes[{i}] = {entry} repeats data.buckets.sizes[{j}]")
+            if ow * h == oh * w:
+                raise ValueError(f"data.buckets.sizes[{i}] = {entry} has the aspect ratio of data.buckets.sizes[{j}] = "
+                                 f"{[ow, oh]}: it would never be chosen")
+        seen[(w, h)] = i
+
+
 class DataConfig(Section):
     """Image-caption WebDataset shards (img2dataset layout: KEY.png|jpg|webp, KEY.txt, KEY.json).
 
@@ -73,12 +142,17 @@ class DataConfig(Section):
     min_size: int = Field(0, ge=0, description="images whose shorter side is below this are skipped as too_small")
     tolerate_failed_shards: bool = Field(
         False, description="exit 0 although some shards could not be read (they are named)")
+    buckets: BucketsConfig = BucketsConfig()
     emoji: EmojiDataConfig = EmojiDataConfig()
     convert: ConvertDataConfig = ConvertDataConfig()
 
-    def read_options(self) -> dict:
-        """Keyword arguments of ``ldm_train.data.shards.iter_samples`` / ``load_images``."""
-        return {"min_size": self.min_size, "crop": self.crop, "seed": self.crop_seed}
+    def read_options(self, buckets: bool = True) -> dict:
+        """Keyword arguments of ``ldm_train.data.shards.iter_samples`` / ``load_images``; with
+        ``data.buckets`` (and ``buckets``), the resolved ``buckets`` list too."""
+        options = {"min_size": self.min_size, "crop": self.crop, "seed": self.crop_seed}
+        if buckets and self.buckets.enabled:
+            options["buckets"] = self.buckets.resolved()
+        return options
 
 
 class VAETrainConfig(Section):
@@ -157,7 +231,10 @@ class LoaderConfig(Section):
     order depends on the seed, epoch, rank and world size only, never on ``num_workers``, so a
     resumed run may use another worker count. ``shuffle_buffer``: samples shuffled together (a
     seeded shuffle of consecutive blocks of this size of the rank's stream; shard order is
-    permuted every epoch); also the unit of work of one worker."""
+    permuted every epoch); also the unit of work of one worker. A cache encoded with ``data.buckets``
+    gives batches of one bucket at a time (:mod:`ldm_train.latents.buckets`: a batch is then the
+    unit of work, the last batch of each bucket in an epoch holds its remainder, and a resume
+    keeps ``train.batch_size``)."""
 
     num_workers: int = Field(2, ge=0, description="DataLoader workers (the sample order does not depend on it)")
     shuffle_buffer: int = Field(1024, gt=0, description="samples shuffled together; also one worker's unit of work")
@@ -478,6 +555,11 @@ class EvalConfig(Section):
     guidance_sweep: list[float] = Field([], description="evaluation during training: one grid + metrics per scale")
     seed: int = Field(0, description="seed of the start noise")
     samples_per_prompt: int = Field(4, gt=0, description="images per prompt in grids")
+    width: int | None = Field(
+        None, gt=0, description="sampled image width in pixels (grids, eval, sample); null = the trained size "
+                                "(with data.buckets: the bucket nearest to square)")
+    height: int | None = Field(
+        None, gt=0, description="sampled image height in pixels; null = the trained size; `sample --height` wins")
     # Images sampled together; halved and retried when the GPU runs out of memory (so the
     # batch ends up sized to memory), which changes images only for the stochastic samplers.
     batch_size: int = Field(

@@ -65,7 +65,9 @@ def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
     out = prepare_output(cfg.path(cfg.autoencoder.path), overwrite, "train-vae")
     device = pick_device(cfg.distributed.cpu)
     report = SkipReport()
-    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report, **cfg.data.read_options())
+    # squares at data.resolution also with data.buckets: the autoencoder is convolutional, it encodes any bucket
+    images, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report,
+                               **cfg.data.read_options(buckets=False))
     check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-vae")
     log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
     vae, summary = train_vae(cfg.autoencoder, images, out, device, cfg.run.seed, log)
@@ -108,7 +110,8 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
                 failures.append(str(e))
                 continue
             summary[split] = {"samples": result["samples_written"], "skipped": result["report"],
-                              "complete": result["complete"], "dir": str(root / split)}
+                              "complete": result["complete"], "dir": str(root / split),
+                              **({"buckets": result["bucket_samples"]} if result.get("bucket_samples") else {})}
     if failures:
         raise FailedShardsError(" | ".join(failures))
     return summary
@@ -210,14 +213,14 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
     """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid; see
     :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size."""
     from .eval.pipeline import load_pipeline
-    from .eval.sample import generate, latent_shape
+    from .eval.sample import generate, latent_shape, sample_size
     from .utils.images import save_grid
     from .utils.runs import check_output, pick_device
 
     check_output(out, overwrite, "sample")
     device = pick_device(cfg.distributed.cpu)
     pipe = load_pipeline(checkpoint, device, step)
-    latent_shape(pipe, height, width)  # a size that does not fit is refused before any sampling
+    latent_shape(pipe, *sample_size(cfg.eval, height, width))  # a size that does not fit is refused before any sampling
     images, captions = generate(pipe, prompts, cfg.eval, device, progress=True,
                                 negative_prompt=negative_prompt, height=height, width=width)
     save_grid(out, images, ncols=cfg.eval.samples_per_prompt, captions=captions)
@@ -229,14 +232,13 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     """``num_samples`` images, one per validation caption (sorted, cycled), with the configured
     sampler and seed; the images (PNG, optionally WebDataset shards), a grid, the held-out
     denoising loss and the protocol go to ``out_dir``."""
-    import torch
     from accelerate import Accelerator
 
     from .eval.distributed import generate_across_ranks
     from .eval.pipeline import load_pipeline
     from .eval.report import ImageMetrics, write_eval_images
-    from .eval.validate import validation_loss
-    from .latents.cache import load_latents
+    from .eval.validate import validation_loss_buckets
+    from .latents.cache import load_latent_buckets
     from .utils.images import save_grid
     from .utils.runs import check_output, prepare_output
 
@@ -244,15 +246,9 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     accelerator = Accelerator(cpu=cfg.distributed.cpu)
     device = accelerator.device
     pipe = load_pipeline(checkpoint, device, step)
-    val = load_latents(cfg.path(cfg.latents.dir) / "val")
-    if val.context is None:  # a tokens cache (train.lora.text_encoder): the loss needs the pipeline's embeddings
-        import dataclasses
-
-        with torch.no_grad():
-            context = torch.cat([pipe.text.encode_tokens(val.tokens[i:i + 64]).cpu() for i in range(0, len(val), 64)])
-        val = dataclasses.replace(val, context=context)
+    val = [_with_context(part, pipe) for part in load_latent_buckets(cfg.path(cfg.latents.dir) / "val")]  # per bucket
     t0 = time.time()
-    captions = sorted(set(val.captions))
+    captions = sorted({c for part in val for c in part.captions})
     prompts = [captions[i % len(captions)] for i in range(num_samples)]
     one_each = cfg.eval.model_copy(update={"samples_per_prompt": 1})
     images, prompts = generate_across_ranks(pipe, prompts, one_each, accelerator, progress=accelerator.is_main_process)
@@ -261,7 +257,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
         return {}
     prepare_output(out_dir, True, "eval")
     if pipe.diffusion.formulation == "ddpm":
-        metrics = validation_loss(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
+        metrics = validation_loss_buckets(pipe.unet, val, pipe.schedule, pipe.diffusion.prediction_type, device)
     else:  # the fixed-timestep loss is defined for the discrete process only
         metrics = {"val_loss": None, "val_loss_note": f"not defined for formulation {pipe.diffusion.formulation}"}
     files = write_eval_images(out_dir, images, prompts, shards)
@@ -269,7 +265,7 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     grid = save_grid(out_dir / "val_samples.png", images[:32], ncols=8, captions=prompts[:32])
     report = {
         "source": pipe.source,
-        "val_samples": len(val),
+        "val_samples": sum(len(part) for part in val),
         **metrics,
         "num_samples": len(prompts),
         "processes": accelerator.num_processes,
@@ -281,6 +277,20 @@ def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, o
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _with_context(val, pipe):
+    """A validation split with text embeddings: a tokens cache (train.lora.text_encoder) gets the
+    pipeline's, which the loss needs."""
+    if val.context is not None:
+        return val
+    import dataclasses
+
+    import torch
+
+    with torch.no_grad():
+        context = torch.cat([pipe.text.encode_tokens(val.tokens[i:i + 64]).cpu() for i in range(0, len(val), 64)])
+    return dataclasses.replace(val, context=context)
 
 
 def export_stage(cfg: Config, out: Path, overwrite: bool, checkpoint: Path | None = None, step: int | None = None,

@@ -1,10 +1,12 @@
-"""Image -> training tensor: alpha onto white, a square crop box, resampled to the resolution.
+"""Image -> training tensor: alpha onto white, a crop box, resampled to the training size.
 
-Aspect ratio: the crop box is the square whose side is the image's *shorter* side, centred
-(``crop="center"``) or at a seeded random offset along the longer side (``crop="random"``); it is
-resampled to ``resolution`` x ``resolution`` (bicubic, antialiased on downscale). That is exactly
-"resize the shorter side to the resolution, then crop", but the box stays exact in original pixels,
-so callers can store it (SDXL-style size/crop conditioning) and reproduce the crop.
+Aspect ratio: the crop box is the largest box of the target's aspect ratio that fits the image
+(for a square target: the square whose side is the image's *shorter* side), centred
+(``crop="center"``) or at a seeded random offset along the longer direction (``crop="random"``);
+it is resampled to the target size (``resolution`` x ``resolution``, or a bucket's ``(w, h)``;
+bicubic, antialiased on downscale). That is exactly "resize so the image covers the target, then
+crop", but the box stays exact in original pixels, so callers can store it (SDXL-style size/crop
+conditioning) and reproduce the crop.
 """
 from __future__ import annotations
 
@@ -24,19 +26,34 @@ def sample_rng(seed: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{key}")
 
 
-def crop_box(size: tuple[int, int], crop: str = "center", rng: random.Random | None = None) -> Box:
-    """``(left, top, right, bottom)`` in original pixels of the square that becomes the image."""
+def box_size(size: tuple[int, int], target: tuple[int, int] | None) -> tuple[int, int]:
+    """The largest ``(width, height)`` of ``target``'s aspect ratio (None: a square) inside an image
+    of ``size``, in whole pixels (the long side of a non-square box rounded to the nearest one)."""
     w, h = size
-    side = min(w, h)
+    if target is None or target[0] == target[1]:
+        side = min(w, h)
+        return side, side
+    tw, th = target
+    if w * th >= h * tw:  # the image is wider than the target: the full height is kept
+        return min(w, max(1, round(h * tw / th))), h
+    return w, min(h, max(1, round(w * th / tw)))
+
+
+def crop_box(size: tuple[int, int], crop: str = "center", rng: random.Random | None = None,
+             target: tuple[int, int] | None = None) -> Box:
+    """``(left, top, right, bottom)`` in original pixels of the box that becomes the image: the
+    largest one of ``target``'s aspect ratio (``(w, h)``; None: a square)."""
+    w, h = size
+    bw, bh = box_size(size, target)
     if crop == "center":
-        left, top = (w - side) // 2, (h - side) // 2
+        left, top = (w - bw) // 2, (h - bh) // 2
     elif crop == "random":
         if rng is None:
             raise ValueError("crop='random' needs an rng (see sample_rng)")
-        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+        left, top = rng.randint(0, w - bw), rng.randint(0, h - bh)
     else:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-    return left, top, left + side, top + side
+    return left, top, left + bw, top + bh
 
 
 def on_white(image: Image.Image) -> Image.Image:
@@ -47,13 +64,15 @@ def on_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(image: Image.Image, resolution: int, box: Box | None = None) -> torch.Tensor:
-    """Alpha onto white, RGB, ``box`` (default: the centred square) -> ``resolution`` px square,
-    bicubic (PIL antialiases on downscale); CHW float in [-1, 1]."""
+def preprocess(image: Image.Image, resolution: int | tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """Alpha onto white, RGB, ``box`` (default: the centred box of the target's aspect ratio) ->
+    ``resolution`` px square or ``(width, height)``, bicubic (PIL antialiases on downscale); CHW
+    float in [-1, 1]."""
+    w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     image = on_white(image)
-    box = box if box is not None else crop_box(image.size)
-    if image.size != (resolution, resolution) or box != (0, 0, resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
+    box = box if box is not None else crop_box(image.size, target=(w, h))
+    if image.size != (w, h) or box != (0, 0, w, h):
+        image = image.resize((w, h), Image.Resampling.BICUBIC, box=box)
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    chw = data.view(resolution, resolution, 3).permute(2, 0, 1)
+    chw = data.view(h, w, 3).permute(2, 0, 1)
     return chw.float().div(127.5).sub(1.0).contiguous()

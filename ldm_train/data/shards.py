@@ -36,6 +36,7 @@ from webdataset import TarWriter, gopen
 
 from ..errors import UserError
 from ..utils.images import to_uint8
+from .buckets import assign
 from .preprocess import crop_box, preprocess, sample_rng
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,8 @@ def _tar_groups(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, b
 
 
 def _decode(
-    key: str, group: dict[str, bytes], resolution: int, min_size: int, crop: str, seed: int
+    key: str, group: dict[str, bytes], resolution: int, min_size: int, crop: str, seed: int,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> tuple[str, dict | None]:
     """Return ``(skip_reason, None)`` or ``("", sample)``."""
     ext = next((e for e in IMAGE_EXTS if e in group), None)
@@ -385,15 +387,17 @@ def _decode(
     try:
         with Image.open(io.BytesIO(group[ext])) as img:
             img.load()
-            if min(img.size) < min_size:
+            target = assign(img.size, buckets) if buckets else (resolution, resolution)
+            if min(img.size) < min_size or target is None:
                 return "too_small", None
-            box = crop_box(img.size, crop, sample_rng(seed, key) if crop == "random" else None)
-            tensor = preprocess(img, resolution, box)
+            box = crop_box(img.size, crop, sample_rng(seed, key) if crop == "random" else None, target)
+            tensor = preprocess(img, target, box)
             size = img.size
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors)
         return "corrupt_image", None
     sample = {"key": key, "image": tensor, "caption": caption, "meta": meta}
-    return "", dict(sample, original_size=tuple(size), crop_box=box)
+    extra = {"bucket": target} if buckets else {}
+    return "", dict(sample, original_size=tuple(size), crop_box=box, **extra)
 
 
 def iter_samples(
@@ -405,20 +409,23 @@ def iter_samples(
     crop: str = "center",
     seed: int = 0,
     allow_empty: bool = False,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> Iterator[dict]:
     """Yield ``{"key", "image" (CHW float [-1, 1]), "caption", "meta", "shard", "original_size"
     ((w, h) in pixels), "crop_box" ((left, top, right, bottom) in original pixels)}`` in shard order.
 
     Images whose shorter side is below ``min_size`` are skipped as ``too_small``; ``crop`` is
-    ``center`` or ``random`` (seeded by ``seed`` and the key). Bad samples are skipped and counted
-    in ``report``, failed shards named in ``report.failed_shards``. Raises :class:`DataError` at
+    ``center`` or ``random`` (seeded by ``seed`` and the key). With ``buckets`` (``(w, h)`` each, see
+    :mod:`.buckets`) each image is cropped to its bucket instead of a ``resolution`` square, the
+    sample says which (``"bucket"``), and an image that covers no bucket is ``too_small``. Bad
+    samples are skipped and counted in ``report``, failed shards named in ``report.failed_shards``. Raises :class:`DataError` at
     the end when nothing at all was usable (training on zero samples is always a mistake), unless
     ``allow_empty`` (a caller reading one shard of many)."""
     for url in expand_shards(spec):
         for raw_key, group in _tar_groups(url, report):
             report.seen += 1
             key = safe_key(raw_key)
-            reason, sample = _decode(key, group, resolution, min_size, crop, seed)
+            reason, sample = _decode(key, group, resolution, min_size, crop, seed, buckets)
             if sample is None:
                 report.add(reason, raw_key, url)
                 continue

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from ..autoencoder.vae import load_vae
 from ..config import Config, EvalConfig
 from ..diffusion import build_schedule
-from ..latents.cache import load_latents, read_manifest
+from ..latents.cache import load_latent_buckets, read_manifest
 from ..text import load_text
 from ..text.hf import HFTextEncoder
 from ..train.lora import TextConditioned, has_adapter, rank_alpha
@@ -35,7 +35,7 @@ def periodic_eval(cfg: Config, accelerator: Accelerator, log: MetricsLog) -> Cal
     the first validation captions; the frozen VAE and text tower; and, on the main process (the
     only one that scores), the FID/KID reference, so that no evaluation re-reads the images."""
     latents = cfg.path(cfg.latents.dir)
-    prompts = list(cfg.eval.prompts) or sorted(set(load_latents(latents / "val").captions))[:8]
+    prompts = list(cfg.eval.prompts) or sorted({c for part in load_latent_buckets(latents / "val") for c in part.captions})[:8]
     device = accelerator.device
     frozen = Pipeline(
         None, load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device),

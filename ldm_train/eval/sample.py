@@ -34,10 +34,12 @@ def generate(
     samplers) the images do not depend on the number of processes. Stochastic samplers draw their
     per-step noise from a per-batch generator seeded by (seed, first index). ``negative_prompt``'s
     embedding replaces the empty caption's as the unconditional context of classifier-free
-    guidance; ``height``/``width`` (pixels, see :func:`latent_shape`) replace the trained size.
+    guidance; ``height``/``width`` (pixels, see :func:`latent_shape`; each None: ``eval.height`` /
+    ``eval.width``) replace the trained size: with data.buckets, sample at any bucket's size.
     Returns (this rank's images NCHW in [-1, 1] on the CPU, their captions)."""
     captions = [p for p in prompts for _ in range(eval_cfg.samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(eval_cfg.seed)
+    height, width = sample_size(eval_cfg, height, width)
     shape = latent_shape(pipe, height, width)
     noise_all = torch.randn((len(captions), *shape), generator=gen, device=device)
     mine = list(range(rank, len(captions), world_size))
@@ -61,6 +63,12 @@ def generate(
     if not images:
         return torch.empty(0, 3, 0, 0), []
     return torch.cat(images), mine_captions
+
+
+def sample_size(eval_cfg: EvalConfig, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+    """(height, width) in pixels: the arguments (``sample --height/--width``) where given, else
+    ``eval.height``/``eval.width`` (None: the trained size)."""
+    return (height if height is not None else eval_cfg.height, width if width is not None else eval_cfg.width)
 
 
 def downsampling_factor(vae) -> int:

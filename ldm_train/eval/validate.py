@@ -47,3 +47,16 @@ def validation_loss(
             sums[t_val] += torch.nn.functional.mse_loss(out.float(), want.float(), reduction="sum").item()
     per_t = {f"t{t}": s / x0_all.numel() for t, s in sums.items()}
     return {"val_loss": sum(per_t.values()) / len(per_t), **per_t}
+
+
+def validation_loss_buckets(unet: torch.nn.Module, parts: list[LatentData], schedule: NoiseSchedule,
+                            prediction_type: str, device, **kwargs) -> dict[str, float]:
+    """:func:`validation_loss` over a split held as one part per latent shape (aspect-ratio
+    buckets): each part's per-timestep mean weighted by its number of latent elements, so the
+    result is the mean over every element of the split, as for a split of one shape."""
+    if len(parts) == 1:
+        return validation_loss(unet, parts[0], schedule, prediction_type, device, **kwargs)
+    sizes = [p.mean.numel() for p in parts]
+    results = [validation_loss(unet, p, schedule, prediction_type, device, **kwargs) for p in parts]
+    per_t = {k: sum(r[k] * n for r, n in zip(results, sizes)) / sum(sizes) for k in results[0] if k != "val_loss"}
+    return {"val_loss": sum(per_t.values()) / len(per_t), **per_t}

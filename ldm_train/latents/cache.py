@@ -111,11 +111,26 @@ def _all_shards(urls):
     return urls
 
 
-def load_latents(folder: str | Path) -> LatentData:
-    """Read every latent shard of a split folder written by ``encode``."""
+def load_latent_buckets(folder: str | Path) -> list[LatentData]:
+    """A split held in memory as one :class:`LatentData` per latent shape: per bucket (in the
+    manifest's order, empty ones left out) for a cache encoded with ``data.buckets``, else one."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    shards = expand_shards(str(folder))
+    if not manifest.get("buckets"):
+        return [load_latents(folder)]
+    parts = []
+    for bucket in manifest["buckets"]:
+        names = [str(folder / o["name"]) for o in manifest["output_shards"] if o.get("bucket") == bucket and o["samples"]]
+        if names:
+            parts.append(load_latents(folder, names))
+    return parts
+
+
+def load_latents(folder: str | Path, shards: list[str] | None = None) -> LatentData:
+    """Read every latent shard of a split folder written by ``encode`` (or only ``shards``)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    shards = shards if shards is not None else expand_shards(str(folder))
     means, stds, contexts, tokens, captions, keys = [], [], [], [], [], []
     extras: dict[str, list] = {"pooled": [], "time_ids": []}
     # every rank reads the whole (small) split: an explicit identity node splitter says so
@@ -131,6 +146,10 @@ def load_latents(folder: str | Path) -> LatentData:
         keys.append(sample["__key__"])
     if not keys:
         raise DataError(f"latent cache {folder} holds no samples")
+    if len({m.shape for m in means}) > 1:
+        shapes = ", ".join(sorted(manifest.get("bucket_samples", {})))
+        raise DataError(f"latent cache {folder} holds latents of several shapes (data.buckets: {shapes}); "
+                        "it is read one bucket at a time (load_latent_buckets, or the streaming loader)")
     nulls = load_file(str(folder / NULL_CONTEXT))
     context = torch.stack(contexts) if contexts else None
     token_ids = torch.stack(tokens) if tokens else None

@@ -14,6 +14,8 @@ it, in whatever order, in however many runs.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import queue
 import shutil
 import sys
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from ..autoencoder.vae import encode_posterior, latent_scale
 from ..config import LatentsConfig
+from ..data.buckets import bucket_name, check_multiple
 from ..data.shards import DataError, ShardWriter, SkipReport, check_failed_shards, expand_shards, iter_samples
 from ..text.encoder import TextEncoder
 from ..utils.hashing import tensor_hash
@@ -52,9 +55,26 @@ class Encoders:
     read_kwargs: dict = field(default_factory=dict)  # iter_samples options (DataConfig.read_options)
     tolerate_failed: bool = False  # data.tolerate_failed_shards
 
-    def latent_shape(self) -> list[int]:
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return [self.vae.config.latent_channels, self.resolution // down, self.resolution // down]
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """``data.buckets`` resolved (``(w, h)`` each), or None: squares at ``resolution``."""
+        return self.read_kwargs.get("buckets")
+
+    @property
+    def down(self) -> int:
+        """The autoencoder's downsampling factor: pixels per latent cell along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, size: tuple[int, int] | None = None) -> list[int]:
+        """(C, h, w) of the latent of a ``size`` = (width, height) image (None: the square)."""
+        w, h = size if size is not None else (self.resolution, self.resolution)
+        return [self.vae.config.latent_channels, h // self.down, w // self.down]
+
+    def check_buckets(self) -> None:
+        """Bucket sides must be multiples of 8 x the downsampling factor: the latent then halves
+        cleanly through a U-Net of up to 4 levels (SD's), whatever its shape."""
+        if self.buckets:
+            check_multiple(self.buckets, 8 * self.down, f"8 x the autoencoder's downsampling factor {self.down}")
 
     @property
     def pooled(self) -> bool:
@@ -119,20 +139,24 @@ def fingerprint(enc: Encoders, input_shards: list[str], vae_path: str | None) ->
         "latents.store": enc.cfg.store,
         "latents.text": enc.cfg.text,
         "run.seed": enc.seed if enc.cfg.store == "sample" else None,
-        "preprocessing": {k: v for k, v in sorted(enc.read_kwargs.items())},
+        # as JSON has it (bucket tuples -> lists), so a resumed run compares equal to the file
+        "preprocessing": json.loads(json.dumps({k: v for k, v in sorted(enc.read_kwargs.items())})),
         "input_shards": input_shards,
     }
 
 
 def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    batch = []
+    """Batches of ``size`` samples of one shape: one pending batch per bucket (``"bucket"``; one
+    for all without buckets), each yielded when full, the rest at the end in order of first use.
+    A pure function of the input shard, so its tensors do not depend on who encodes it."""
+    pending: dict = {}
     for s in samples:
+        batch = pending.setdefault(s.get("bucket"), [])
         batch.append(s)
         if len(batch) == size:
             yield batch
-            batch = []
-    if batch:
-        yield batch
+            pending[s.get("bucket")] = []
+    yield from (batch for batch in pending.values() if batch)
 
 
 def background(items: Iterator, depth: int = 2) -> Iterator:
@@ -174,15 +198,37 @@ def background(items: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-def _part_writer(out: Path, index: int, max_count: int) -> ShardWriter:
-    """Writes the ``latents-IIIIII-PPP.tar`` parts of input shard ``index``, each renamed from
-    ``.tmp`` when full (the shared :class:`ShardWriter`, with 3-digit part numbers)."""
-    return ShardWriter(out, f"latents-{index:06d}", max_count, digits=3)
+class PartWriters:
+    """Writes the ``latents-IIIIII-PPP.tar`` parts of input shard ``index`` (with buckets:
+    ``latents-IIIIII-WxH-PPP.tar``, one series per bucket, so a part holds one shape), each
+    renamed from ``.tmp`` when full (the shared :class:`ShardWriter`, 3-digit part numbers)."""
 
+    def __init__(self, out: Path, index: int, max_count: int):
+        self.out, self.index, self.max_count = out, index, max_count
+        self.writers: dict[tuple[int, int] | None, ShardWriter] = {}
 
-def _outputs(writer: ShardWriter) -> list[dict]:
-    """The parts for the done entry and manifest: ``[{"name", "samples"}]``."""
-    return [{"name": path.name, "samples": n} for path, n in zip(writer.paths, writer.sizes)]
+    def write(self, bucket: tuple[int, int] | None, sample: dict) -> None:
+        if bucket not in self.writers:
+            tag = "" if bucket is None else f"-{bucket_name(bucket)}"
+            self.writers[bucket] = ShardWriter(self.out, f"latents-{self.index:06d}{tag}", self.max_count, digits=3)
+        self.writers[bucket].write_sample(sample)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+    def outputs(self) -> list[dict]:
+        """The parts for the done entry and manifest: ``[{"name", "samples"}]`` (+ ``"bucket":
+        [w, h]`` with buckets)."""
+        out = []
+        for bucket, writer in self.writers.items():
+            extra = {} if bucket is None else {"bucket": list(bucket)}
+            out += [{"name": path.name, "samples": n, **extra} for path, n in zip(writer.paths, writer.sizes)]
+        return out
 
 
 def remove_outputs(out: Path, index: int) -> None:
@@ -224,14 +270,15 @@ def encode_input_shard(index: int, url: str, out: Path, enc: Encoders, progress:
     """Encode one input shard into its parts and record it as done (or failed)."""
     remove_outputs(out, index)
     report, error, t0 = SkipReport(), None, time.time()
-    writer = _part_writer(out, index, enc.cfg.shard_size)
+    writer = PartWriters(out, index, enc.cfg.shard_size)
     try:
         samples = iter_samples(url, enc.resolution, report, allow_empty=True, **enc.read_kwargs)
         for batch in background(_batches(samples, enc.cfg.batch_size)):
             for s, tensors in zip(batch, enc.encode(batch)):
                 meta = dict(s["meta"], source_shard=url)
                 meta.update({k: list(s[k]) for k in ("original_size", "crop_box") if s.get(k) is not None})
-                writer.write_sample(pack_sample(s["key"], tensors, s["caption"], meta))
+                meta.update({"bucket": list(s["bucket"])} if "bucket" in s else {})
+                writer.write(s.get("bucket"), pack_sample(s["key"], tensors, s["caption"], meta))
             progress.update(len(batch))
     except DataError as e:  # e.g. a local shard that does not exist
         error = str(e)
@@ -243,7 +290,7 @@ def encode_input_shard(index: int, url: str, out: Path, enc: Encoders, progress:
     writer.close()
     entry = {
         "index": index, "shard": url, "status": "ok" if reason is None else "failed", "error": reason,
-        "outputs": _outputs(writer), "report": report.as_dict(), "seconds": round(time.time() - t0, 3),
+        "outputs": writer.outputs(), "report": report.as_dict(), "seconds": round(time.time() - t0, 3),
     }
     ledger.write_done(out, index, entry)
     progress.shard_done()
@@ -270,8 +317,9 @@ def summary_line(name: str, manifest: dict) -> str:
     r = manifest["report"]
     skipped = ", ".join(f"{k}={v}" for k, v in r.get("skipped", {}).items()) or "none"
     failed = ", ".join(f["shard"] for f in manifest["failed_shards"]) or "none"
-    return (f"encode {name}: samples in {r.get('seen', 0)}, written {manifest['samples_written']}, "
-            f"skipped: {skipped}; failed shards: {failed}")
+    buckets = ", ".join(f"{k}={v}" for k, v in manifest.get("bucket_samples", {}).items())
+    return (f"encode {name}: samples in {r.get('seen', 0)}, written {manifest['samples_written']}"
+            f"{f' (per bucket: {buckets})' if buckets else ''}, skipped: {skipped}; failed shards: {failed}")
 
 
 def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) -> dict:
@@ -279,7 +327,7 @@ def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) ->
     manifest = {
         **ledger.merge_entries(entries, shards),
         "resolution": enc.resolution,
-        "latent_shape": enc.latent_shape(),
+        **_bucket_fields(enc),
         "scaling_factor": scale,
         "shift_factor": shift,
         "text_encoder": enc.text.name,
@@ -301,6 +349,16 @@ def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) ->
     return manifest
 
 
+def _bucket_fields(enc: Encoders) -> dict:
+    """``latent_shape`` (with buckets: the bucket nearest to square, the default sampling size),
+    and with buckets the list (``buckets``) and each one's latent shape."""
+    if not enc.buckets:
+        return {"latent_shape": enc.latent_shape(), "buckets": None}
+    square = min(enc.buckets, key=lambda b: (abs(math.log(b[0] / b[1])), -b[0] * b[1]))
+    return {"latent_shape": enc.latent_shape(square), "buckets": [list(b) for b in enc.buckets],
+            "bucket_latent_shapes": {bucket_name(b): enc.latent_shape(b) for b in enc.buckets}}
+
+
 def encode_split(
     spec: str, out_dir: Path, enc: Encoders, overwrite: bool = False, *,
     group: RankGroup | None = None, vae_path: str | None = None, progress: bool = True,
@@ -308,6 +366,7 @@ def encode_split(
     """Encode this rank's share of ``spec`` into ``out_dir``. Returns the manifest (``complete``:
     true) when this rank finished the folder, else ``complete: false`` with this rank's counts."""
     group = group if group is not None else RankGroup(Ranks())
+    enc.check_buckets()
     rank, world = group.ranks.rank, group.ranks.world_size
     shards = expand_shards(spec)
     fp = fingerprint(enc, shards, vae_path)

@@ -17,6 +17,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..data.buckets import bucket_name
 from ..errors import UserError
 from .cache import MANIFEST, write_json_atomic
 
@@ -126,5 +127,16 @@ def merge_entries(entries: list[dict], input_shards: list[str]) -> dict:
         "failed_shards": [{"shard": e["shard"], "error": e["error"]} for e in entries if e["status"] != "ok"],
         "input_shard_samples": {e["shard"]: sum(o["samples"] for o in e["outputs"]) for e in entries},
         "output_shards": outputs,
+        **bucket_samples(outputs),
         "seconds": round(sum(e["seconds"] for e in entries), 3),
     }
+
+
+def bucket_samples(outputs: list[dict]) -> dict:
+    """``{"bucket_samples": {"WxH": n}}`` over parts that name a bucket (``[w, h]``), sorted by
+    name; empty for a cache without buckets."""
+    counts = Counter()
+    for o in outputs:
+        if "bucket" in o:
+            counts[bucket_name(tuple(o["bucket"]))] += o["samples"]
+    return {"bucket_samples": dict(sorted(counts.items()))} if counts else {}

@@ -202,6 +202,9 @@ class LatentLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
+        if state.get("buckets"):  # a BucketLoader's (ldm_train.latents.buckets)
+            raise LoaderStateError("loader state is of a latent cache with data.buckets, but this cache has none; "
+                                   "the run cannot continue exactly")
         for key in ("version", "seed", "rank", "world_size", "shuffle_buffer", "samples_per_epoch"):
             if state.get(key) != mine[key]:
                 raise LoaderStateError(

@@ -11,7 +11,7 @@ from ..autoencoder.vae import to_latent
 from ..config import LoaderConfig, TrainConfig
 from ..data.shards import DataError
 from ..latents.cache import NULL_CONTEXT, LatentData, load_latents, read_manifest
-from ..latents.loader import LatentLoader
+from ..latents.buckets import open_loader
 from ..model.addition import ContextLayout
 
 
@@ -195,7 +195,9 @@ class MemoryBatches:
 
 
 class StreamBatches:
-    """Batches streamed from the latent shards by :class:`LatentLoader` (each rank its share,
+    """Batches streamed from the latent shards by :class:`~ldm_train.latents.loader.LatentLoader`
+    (or, for a cache encoded with ``data.buckets``, :class:`~ldm_train.latents.buckets.BucketLoader`:
+    each batch from one bucket, so its shape varies from batch to batch) (each rank its share,
     shuffled with a seeded buffer, DataLoader workers reading ahead): for splits too big to hold
     in memory. The state is the loader's (samples yielded: exact across a change of worker
     count) and the generator of the latent draws."""
@@ -204,7 +206,7 @@ class StreamBatches:
                  tokens: bool = False, size_drop: float = 0.0):
         self.manifest = read_manifest(folder)
         self.tokens = check_text(self.manifest, tokens, folder)
-        self.loader = LatentLoader.from_config(folder, loader_cfg, batch_size, seed, rank, world_size)
+        self.loader = open_loader(folder, loader_cfg, batch_size, seed, rank, world_size)  # bucketed or not
         nulls = load_file(str(folder / NULL_CONTEXT))
         self.null_context = nulls["context"]
         self.context_shape = list(self.manifest["context_shape"])
@@ -263,6 +265,10 @@ def training_batches(
     held in memory (small sets) or streamed from its shards (any size)."""
     tokens = train.lora.enabled and train.lora.text_encoder
     if train.data_source == "memory":
-        check_text(read_manifest(folder), tokens, folder)  # before reading the split
+        manifest = read_manifest(folder)
+        check_text(manifest, tokens, folder)  # before reading the split
+        if manifest.get("buckets"):
+            raise DataError(f"latent cache {folder} was encoded with data.buckets (latents of several shapes); "
+                            "train.data_source: memory holds one shape: set train.data_source=stream")
         return MemoryBatches(load_latents(folder), train.batch_size, seed, rank, tokens, train.size_cond_drop_prob)
     return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size, tokens, train.size_cond_drop_prob)

@@ -125,6 +125,10 @@ def check_latent_cache(cfg: Config) -> None:
             opts = cfg.data.read_options()
             said.update({f"data.{k}": (pre.get(o), opts[o]) for k, o in (("min_size", "min_size"), ("crop", "crop"), ("crop_seed", "seed"))})
         diff += [k for k, (was, now) in said.items() if was is not None and was != now and k not in diff]
+        # buckets or none: a cache without the key was written before buckets existed (none)
+        wanted = [list(b) for b in cfg.data.buckets.resolved()] if cfg.data.buckets.enabled else None
+        if m.get("buckets") != wanted and not any(k.startswith("data.buckets") for k in diff):
+            diff.append("data.buckets")
     if diff:
         raise LatentCacheMismatchError(
             f"latent cache {cache} was encoded with other settings than this config (differs in "

@@ -161,3 +161,17 @@ def test_sampling_batch_is_halved_after_an_out_of_memory_error(micro_run):
     assert seen[0] > 4 and max(seen[-4:]) <= 4  # failed big, finished small
     reference, ref_captions = generate(pipe, prompts, cfg.model_copy(update={"batch_size": 2}), cpu)
     assert captions == ref_captions and torch.equal(images, reference)
+
+
+def test_eval_width_and_height_set_the_size_and_arguments_win(micro_run, pipes):
+    """A run trained on buckets samples at any bucket's size: eval.width/height (grids, eval), or
+    the arguments of sample (--width/--height), which win; both must be multiples of the factor."""
+    from ldm_train.errors import UserError
+
+    cfg = micro_run.cfg.eval.model_copy(update={"width": 48, "height": 32, "samples_per_prompt": 1, "steps": 2})
+    out, _ = generate(pipes["run"], PROMPTS[:1], cfg, CPU)
+    assert out.shape == (1, 3, 32, 48)
+    out, _ = generate(pipes["run"], PROMPTS[:1], cfg, CPU, height=64, width=16)
+    assert out.shape == (1, 3, 64, 16)
+    with pytest.raises(UserError, match="must be a positive multiple of 2"):
+        generate(pipes["run"], PROMPTS[:1], cfg.model_copy(update={"width": 33}), CPU)
