@@ -233,6 +233,8 @@ def apply_pretrained(cfg: Config) -> Config:
     if errors:
         raise PretrainedError(f"the config contradicts pretrained {cfg.pretrained}:\n  " + "\n  ".join(errors))
     tree = cfg.model_dump()
+    # data.buckets refuses grid keys next to an explicit sizes list *when set*: a full dump would set them all
+    tree["data"]["buckets"] = cfg.data.buckets.model_dump(exclude_unset=True)
     for key, value in updates.items():
         _set_dotted(tree, key, value)
     if "lr" not in cfg.train.model_fields_set and cfg.train.lr > 1e-4:

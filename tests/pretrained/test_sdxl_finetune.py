@@ -154,3 +154,25 @@ def test_export_is_a_diffusers_sdxl_pipeline_and_a_single_file(sdxl_run, sdxl, t
     assert torch.equal(embeds, context) and torch.equal(pooled, our_pooled)
     from ldm_train.pretrained.single_file import inspect_single_file
     assert inspect_single_file(tmp_path / "mine.safetensors")[0] == "sdxl"
+
+
+def test_bucketed_sdxl_cache_conditions_each_batch_on_its_bucket(sdxl, tmp_path):
+    """With data.buckets the target size of the ids is each bucket's (latent x VAE factor), per batch."""
+    run = tmp_path / "run"
+    args = _args(sdxl, run, "data.buckets.sizes=[[32, 16], [16, 16], [16, 32]]", "train.data_source=stream",
+                 "train.batch_size=2")
+    cfg = load_config("sdxl-finetune", args[2:])
+    write_shards(_samples(6, 1, "t"), cfg.path(cfg.data.train_shards), "train", 8)
+    write_shards(_samples(2, 2, "v"), cfg.path(cfg.data.val_shards), "val", 8)
+    assert main(["encode", *args]) == 0
+    batches = StreamBatches(run / "latents" / "train", LoaderConfig(num_workers=0, shuffle_buffer=8), 2, seed=0,
+                            rank=0, world_size=1)
+    layout, seen = ContextLayout(TEXT_WIDTH + BIGG_WIDTH, POOLED_WIDTH), set()
+    for _ in range(3):
+        z, packed = batches.next(CPU)
+        ids = layout.unpack(packed)[2]
+        target = [z.shape[-2] * 2.0, z.shape[-1] * 2.0]  # the tiny VAE downsamples by 2
+        assert ids[:, 4:].tolist() == [target] * z.shape[0]
+        seen.add(tuple(z.shape[-2:]))
+    assert len(seen) > 1  # several buckets, each with its own target size
+    assert main(["train", *args]) == 0
