@@ -78,3 +78,16 @@ def test_a_refiner_like_file_is_refused_by_name(tiny, tmp_path):
     save_file(state, str(tmp_path / "refiner.safetensors"))
     with pytest.raises(SingleFileError, match="refiner"):
         inspect_single_file(tmp_path / "refiner.safetensors")
+
+
+def test_pretrained_single_file_converts_once_into_an_sdxl_folder(tiny, tmp_path):
+    from ldm_train.config import load_config
+    from ldm_train.pretrained.resolve import apply_pretrained
+
+    _, file = tiny
+    cfg = apply_pretrained(load_config("sdxl-finetune", [f"pretrained={file}", f"run.dir={tmp_path / 'run'}"]))
+    folder = tmp_path / "run" / "pretrained"
+    (converted,) = list(folder.iterdir())
+    assert (cfg.text.encoder, cfg.text.sdxl.path, cfg.text.layer) == ("sdxl", str(converted), "penultimate")
+    assert cfg.model.addition_embed_type == "text_time" and cfg.model.init_from == str(converted / "unet")
+    assert json.loads((converted / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
