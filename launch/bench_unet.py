@@ -71,6 +71,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Stable Diffusion 1.5's U-Net (859.5 M parameters) from configs/sd15.yaml; 77 CLIP ViT-L
     # tokens of width 768. 32x32 latents = 256 px images.
     "sd15": dict(model=SD15_CONFIG, batch=64, res=32, context_len=77),
+    # SDXL-shaped at CPU size: no attention at the first level, per-level transformer depth, linear
+    # projections, 64 channels per head, text_time added conditioning (pooled 64 + 6 x 32).
+    "sdxl-tiny": dict(
+        model=dict(block_out_channels=[64, 128, 128], attention_levels=[False, True, True], layers_per_block=2,
+                   channels_per_head=64, cross_attention_dim=128, norm_num_groups=32, transformer_layers_per_block=[1, 2, 3],
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=32,
+                   projection_class_embeddings_input_dim=64 + 6 * 32),
+        batch=2, res=16, context_len=77,
+    ),
+    # SDXL base 1.0's U-Net (2.567 B parameters; stable-diffusion-xl-base-1.0 unet/config.json): 77
+    # tokens of width 768 + 1280 = 2048, pooled bigG 1280. 128x128 latents = 1024 px images.
+    "sdxl": dict(
+        model=dict(block_out_channels=[320, 640, 1280], attention_levels=[False, True, True], layers_per_block=2,
+                   channels_per_head=64, cross_attention_dim=2048, norm_num_groups=32, transformer_layers_per_block=[1, 2, 10],
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=2816),
+        batch=4, res=128, context_len=77,
+    ),
 }
 
 
@@ -179,7 +197,7 @@ def _parse(argv=None) -> argparse.Namespace:
                     "(same config, same weights, same inputs). Ratio = diffusers_time / ours_time: > 1 means ours is faster.",
         epilog="GPU: launch/gpu_bench_unet.sh runs the prepared H200 comparison.",
     )
-    p.add_argument("--config", type=preset_arg(PRESETS), default="small", metavar="{tiny,small,sd15,FILE}",
+    p.add_argument("--config", type=preset_arg(PRESETS), default="small", metavar="{tiny,small,sd15,sdxl-tiny,sdxl,FILE}",
                    help="tiny: seconds on CPU; small: SD-like at CPU size; sd15: Stable Diffusion 1.5's U-Net "
                         "(configs/sd15.yaml); FILE: a config file's model section at the sd15 sizes "
                         "(default: %(default)s)")
@@ -278,6 +296,11 @@ def run(args: argparse.Namespace) -> dict:
     target = torch.randn(batch, cfg.out_channels, res, res, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     ctx = torch.randn(batch, ctx_len, cfg.cross_attention_dim, generator=g)
+    layout = ours.layout  # SDXL (text_time): pooled embedding + size/crop ids, packed after the tokens for ours
+    if layout is not None:
+        pooled = torch.randn(batch, layout.pooled, generator=g)
+        ids = torch.tensor([[res * 8.0, res * 8.0, 0.0, 0.0, res * 8.0, res * 8.0]]).expand(batch, -1)
+        ctx = layout.pack(ctx, pooled, ids)
     x = x.to(device).contiguous(memory_format=fmt)
     inputs = (x, t.to(device), ctx.to(device), target.to(device).contiguous(memory_format=fmt))
 
@@ -293,8 +316,15 @@ def run(args: argparse.Namespace) -> dict:
     def ours_eager(s, ts, c):
         return ours(s, ts, c)
 
+    def added(c):
+        """diffusers' arguments for our (packed) context: the same tensors, sliced out."""
+        if layout is None:
+            return {"encoder_hidden_states": c}
+        text, pooled_c, ids_c = layout.unpack(c)
+        return {"encoder_hidden_states": text, "added_cond_kwargs": {"text_embeds": pooled_c, "time_ids": ids_c}}
+
     def theirs_eager(s, ts, c):
-        return theirs(s, ts, encoder_hidden_states=c, return_dict=False)[0]
+        return theirs(s, ts, **added(c), return_dict=False)[0]
 
     if args.compile:
         ours_c, theirs_c = torch.compile(ours), torch.compile(theirs)
@@ -303,7 +333,7 @@ def run(args: argparse.Namespace) -> dict:
             return ours_c(s, ts, c)
 
         def theirs_call(s, ts, c):
-            return theirs_c(s, ts, encoder_hidden_states=c, return_dict=False)[0]
+            return theirs_c(s, ts, **added(c), return_dict=False)[0]
     else:
         ours_call, theirs_call = ours_eager, theirs_eager
 

@@ -1,4 +1,4 @@
-"""Issue 17's speed goals in one run (< 8 minutes on an H200): runs the launch/bench_*.py scripts
+"""Issue 17's speed goals (and issue 18's SDXL 1024 px training step) in one run (< 8 minutes on an H200): runs the launch/bench_*.py scripts
 with the goal's sizes, side by side with diffusers where they compare, and the EMA update on the
 SD 1.5 U-Net's parameters, then prints one table (img/s, MFU, peak memory, compile seconds,
 ratio to each anchor of ../shared/anchors/h200-diffusers-sd15-2026-11-28.jsonl) and writes
@@ -31,6 +31,8 @@ def parts(smoke: bool) -> list[tuple[str, list[str], int]]:
             ("unet256_eager", [str(LAUNCH / "bench_unet.py"), *unet], 120),
             ("unet256_cl", [str(LAUNCH / "bench_unet.py"), *unet, "--channels-last"], 120),
             ("sampling", [str(LAUNCH / "bench_sampling.py"), "--config", "tiny", "--steps", "2", "--batch", "1", "--reps", "1"], 120),
+            ("sdxl1024_bf16_ckpt", [str(LAUNCH / "bench_unet.py"), "--device", "cpu", "--config", "sdxl-tiny", "--batch", "1",
+                                    "--res", "8", "--dtype", "bf16", "--grad-ckpt", "--reps", "1", "--warmup", "1"], 180),
         ]
     unet256 = ["--device", "cuda", "--config", "sd15", "--batch", "64", "--res", "32", "--dtype", "bf16", "--reps", "10"]
     unet512 = ["--device", "cuda", "--config", "sd15", "--batch", "32", "--res", "64", "--dtype", "bf16", "--reps", "10"]
@@ -44,6 +46,11 @@ def parts(smoke: bool) -> list[tuple[str, list[str], int]]:
                     "--batch", "64", "--dtype", "bf16"], 60),
         ("loader", [str(LAUNCH / "bench_loader.py"), "--device", "cuda", "--configs", "sd15", "--workers", "2",
                     "--sd15-batch", "64", "--sd15-steps", "10", "--sd15-warmup", "2"], 60),
+        # issue 18: SDXL base's U-Net training step at 1024 px (128x128 latents), bf16 autocast, gradient
+        # checkpointing, ours vs diffusers' in one process (two 2.57 B models + AdamW state: batch 4)
+        ("sdxl1024_bf16_ckpt", [str(LAUNCH / "bench_unet.py"), "--device", "cuda", "--config", "sdxl", "--batch", "4",
+                                "--res", "128", "--dtype", "bf16", "--grad-ckpt", "--reps", "5", "--warmup", "2",
+                                "--no-flops"], 240),
     ]
 
 

@@ -190,6 +190,15 @@ class TransformersTextConfig(Section):
         None, description="its CLIPTokenizer folder; null = tokenizer/ beside text_encoder/ (or inside path)")
 
 
+class SDXLTextConfig(Section):
+    """``text.encoder: sdxl``: SDXL's two towers (CLIP ViT-L + OpenCLIP ViT-bigG with projection) in a
+    diffusers ``StableDiffusionXLPipeline`` folder; read from ``path`` by every stage. Set ``text.layer:
+    penultimate`` (SDXL's choice)."""
+
+    path: str | None = Field(
+        None, description="an SDXL pipeline folder holding text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
+
+
 class TextConfig(Section):
     """Frozen text tower. ``encoder: open_clip`` (the default): ``dir`` holds ``open_clip_config.json`` and
     ``open_clip_model.safetensors``. When it is empty the tower is built from ``model_name`` (an
@@ -207,12 +216,14 @@ class TextConfig(Section):
     context_length: int = Field(32, gt=0, description="tokens per caption (tiny tower)")
     pretrained: str | None = Field(None, description="a local open_clip checkpoint file; null = random init from seed")
     seed: int = Field(1234, description="seed of the random init when pretrained is null")
-    encoder: Literal["open_clip", "transformers"] = Field(
-        "open_clip", description="open_clip: the tower in dir (above keys); transformers: a CLIPTextModel (text.transformers)")
+    encoder: Literal["open_clip", "transformers", "sdxl"] = Field(
+        "open_clip", description="open_clip: the tower in dir (above keys); transformers: a CLIPTextModel (text.transformers); "
+                                 "sdxl: SDXL's two towers (text.sdxl)")
     layer: Literal["last", "penultimate"] | Annotated[int, Field(ge=1)] = Field(
         "last", description="hidden states the U-Net attends to, then the final LayerNorm: last, penultimate (SD 2.x), "
                             "or kohya's clip skip N (1 = last, 2 = penultimate)")
     transformers: TransformersTextConfig = TransformersTextConfig()
+    sdxl: SDXLTextConfig = SDXLTextConfig()
 
 
 class LoaderConfig(Section):
@@ -283,6 +294,11 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0, description="GroupNorm epsilon")
     num_class_embeds: int | None = Field(None, gt=0, description="class-conditional: number of classes; null = none")
     upcast_attention: bool = Field(False, description="attention in fp32 under fp16/bf16 autocast (SD 2.1-v)")
+    addition_embed_type: Literal["text_time"] | None = Field(
+        None, description="text_time: SDXL's pooled-text + size/crop conditioning added to the time embedding; null = none")
+    addition_time_embed_dim: int = Field(256, gt=0, description="text_time: sinusoid channels per size/crop id (SDXL: 256)")
+    projection_class_embeddings_input_dim: int | None = Field(
+        None, gt=0, description="text_time: pooled text width + 6 x addition_time_embed_dim (SDXL: 2816)")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass (less memory, slower)")
     init_from: str | None = Field(
@@ -450,6 +466,8 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    size_cond_drop_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="SDXL: probability of zeroing a sample's size/crop ids (micro-conditioning dropout)")
     # One EMA per decay (the first is the one sampling and export use; the others are kept in
     # checkpoints as ``ema@DECAY``). Updated every ``ema_every`` optimizer steps; the decay applies
     # per update. Warm-up: decay_t = min(decay, (1 + t) / (10 + t)) for update t.

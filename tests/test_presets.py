@@ -65,7 +65,8 @@ def test_sd2_base_pretrain_unet_is_diffusers_sd2_base():
     assert (cfg.data.resolution, cfg.train.lr, cfg.train.batch_size) == (256, 1e-4, 2048)
 
 
-@pytest.mark.parametrize("name, prediction, size", [("sd15-finetune", "epsilon", 512), ("sd21-finetune", "v_prediction", 768)])
+@pytest.mark.parametrize("name, prediction, size", [("sd15-finetune", "epsilon", 512), ("sd21-finetune", "v_prediction", 768),
+                                                    ("sdxl-finetune", "epsilon", 1024)])
 def test_finetune_presets_name_what_to_supply(name, prediction, size):
     text = (REPO / "configs" / f"{name}.yaml").read_text()
     assert "Provide" in text and "single file" in text

@@ -26,8 +26,14 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def drop_context(context: torch.Tensor, null_context: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Replace ``context[i]`` by ``null_context`` where ``drop[i]`` (bool ``[B]``).
 
-    ``null_context`` is ``[L, D]`` or ``[1, L, D]`` and broadcasts over the batch."""
-    null = null_context.to(device=context.device, dtype=context.dtype).expand_as(context)
+    ``null_context`` is ``[L, D]`` or ``[1, L, D]`` and broadcasts over the batch. A null context
+    with fewer rows than ``context`` replaces only the leading rows: SDXL's packed context keeps its
+    size/crop row (:mod:`ldm_train.model.addition`)."""
+    null = null_context.to(device=context.device, dtype=context.dtype)
+    if context.dim() == 3 and null.dim() >= 2 and null.shape[-2] < context.shape[-2]:
+        n = null.shape[-2]
+        return torch.cat([drop_context(context[:, :n], null, drop), context[:, n:]], dim=1)
+    null = null.expand_as(context)
     mask = drop.view(-1, *([1] * (context.dim() - 1)))
     return torch.where(mask, null, context)
 

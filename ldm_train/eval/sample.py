@@ -9,6 +9,7 @@ from ..autoencoder.vae import decode_latents
 from ..config import EvalConfig
 from ..errors import UserError
 from ..diffusion import sample_from_config
+from .conditioning import null_context, prompt_context
 from .pipeline import Pipeline
 
 
@@ -42,7 +43,8 @@ def generate(
     shape = latent_shape(pipe, height, width)
     noise_all = torch.randn((len(captions), *shape), generator=gen, device=device)
     mine = list(range(rank, len(captions), world_size))
-    null = pipe.text([negative_prompt or ""])[0]
+    null = null_context(pipe.unet, pipe.text, negative_prompt)
+    size_hw = (shape[1] * downsampling_factor(pipe.vae), shape[2] * downsampling_factor(pipe.vae))
 
     @find_executable_batch_size(starting_batch_size=batch_size or eval_cfg.batch_size)
     def sample_all(size: int) -> tuple[list, list]:  # called again with size // 2 after a CUDA OOM
@@ -51,7 +53,7 @@ def generate(
             idx = mine[i : i + size]
             chunk = [captions[j] for j in idx]
             step_gen = torch.Generator(device=device).manual_seed(eval_cfg.seed * 1_000_003 + idx[0] + 1)
-            z = sample_from_config(pipe.unet, noise_all[idx], pipe.text(chunk), null, pipe.diffusion, eval_cfg,
+            z = sample_from_config(pipe.unet, noise_all[idx], prompt_context(pipe.unet, pipe.text, chunk, size_hw), null, pipe.diffusion, eval_cfg,
                                    generator=step_gen, progress=progress)
             images.append(decode_latents(pipe.vae, z).cpu())
             mine_captions += chunk

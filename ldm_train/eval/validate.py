@@ -11,6 +11,7 @@ from ..autoencoder.vae import to_latent
 from ..diffusion import NoiseSchedule
 from ..diffusion.parameterization import target
 from ..latents.cache import LatentData
+from ..model.addition import ContextLayout
 
 
 @torch.no_grad()
@@ -33,7 +34,11 @@ def validation_loss(
     sums = {t: 0.0 for t in timesteps}
     for i in range(0, len(data), batch_size):
         x0 = x0_all[i : i + batch_size].to(device)
-        context = data.context[i : i + batch_size].to(device, torch.float32)
+        context = data.context[i : i + batch_size].float()
+        if data.time_ids is not None:  # an SDXL cache: pooled embedding and size/crop ids packed after the tokens
+            layout = ContextLayout(context.shape[-1], data.pooled.shape[-1])
+            context = layout.pack(context, data.pooled[i : i + batch_size].float(), data.time_ids[i : i + batch_size])
+        context = context.to(device)
         for t_val in timesteps:
             eps = noise[t_val][i : i + batch_size].to(device)
             t = torch.full((x0.shape[0],), t_val, dtype=torch.int64, device=device)

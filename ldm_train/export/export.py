@@ -30,6 +30,7 @@ from ..eval.pipeline import DIFFUSION_FILE, Pipeline
 from ..model.convert import write_diffusers_unet
 from ..pretrained.scheduler import ddim_scheduler
 from ..text import save_text_components
+from ..pretrained.pipeline_folder import _diffusers_version, sdxl_model_index
 from .sd_pipeline import _model_index, write_sd_pipeline
 
 OPEN_CLIP_NOTE = ("an ldm_train export with an open_clip text tower, which diffusers cannot load: "
@@ -51,7 +52,10 @@ def export_pipeline(out_dir: Path, pipe: Pipeline, dtype: str = "fp32") -> Path:
     ddim_scheduler(pipe.diffusion).save_config(partial / "scheduler")
     # The full diffusion section too (learned variance, weighting...), which diffusers has no key for.
     (partial / "scheduler" / DIFFUSION_FILE).write_text(json.dumps(pipe.diffusion.model_dump(), indent=2))
-    if (partial / "tokenizer").is_dir():
+    if (partial / "tokenizer_2").is_dir():  # SDXL's two towers: a StableDiffusionXLPipeline folder
+        index = sdxl_model_index(json.loads((partial / "scheduler" / "scheduler_config.json").read_text())["_class_name"],
+                                 _diffusers_version())
+    elif (partial / "tokenizer").is_dir():
         index = _model_index(partial)
     else:
         index = {"_class_name": "ldm_train", "_note": OPEN_CLIP_NOTE, "unet": "unet", "vae": "vae",
@@ -63,7 +67,8 @@ def export_pipeline(out_dir: Path, pipe: Pipeline, dtype: str = "fp32") -> Path:
 
 
 def is_diffusers_pipeline(export_dir: Path) -> bool:
-    return json.loads((export_dir / "model_index.json").read_text()).get("_class_name") == "StableDiffusionPipeline"
+    return json.loads((export_dir / "model_index.json").read_text()).get("_class_name") in (
+        "StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def export_single_file(export_dir: Path, path: Path, dtype: str) -> Path:

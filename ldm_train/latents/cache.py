@@ -6,11 +6,13 @@ Each sample of a latent shard holds
   PixArt do), or with ``latents.store: sample`` one fixed draw ``sample`` instead (half the bytes;
   readers return it as ``mean`` with ``std = 0``); and ``context``, the frozen text tower's
   per-token embedding of the caption, or with ``latents.text: tokens`` only its ``tokens`` (int32);
+  with SDXL's towers also ``pooled`` (the pooled text embedding) and ``time_ids`` (float32, the
+  six size/crop ids of :mod:`.micro`);
 - ``KEY.txt``: the caption; ``KEY.json``: the source shard's metadata, ``source_shard``, and
   ``original_size`` / ``crop_box`` where the reader provides them.
 
 Tensors are stored with safetensors (no pickle). The folder also holds ``null_context.safetensors``
-(the embedding of the empty caption, used for classifier-free guidance) and ``manifest.json``
+(the embedding of the empty caption, used for classifier-free guidance, with SDXL its ``pooled`` too) and ``manifest.json``
 (input shards, sample counts, skip report, VAE scaling, text tower).
 """
 from __future__ import annotations
@@ -44,11 +46,13 @@ def pack_sample(key: str, tensors: dict[str, torch.Tensor], caption: str, meta: 
             "json": json.dumps(meta).encode("utf-8")}
 
 
-def save_null_context(folder: Path, context: torch.Tensor, dtype: torch.dtype = torch.float16) -> None:
-    """The empty caption's embedding (or, as int32, its tokens), written atomically."""
+def save_null_context(folder: Path, context: torch.Tensor, dtype: torch.dtype = torch.float16,
+                      pooled: torch.Tensor | None = None) -> None:
+    """The empty caption's embedding (or, as int32, its tokens), and SDXL's pooled one, written atomically."""
     value = context.contiguous().cpu() if not context.is_floating_point() else context.to(dtype).contiguous().cpu()
+    tensors = {"context": value} | ({"pooled": pooled.to(dtype).contiguous().cpu()} if pooled is not None else {})
     tmp = folder / f"{NULL_CONTEXT}.{os.getpid()}.tmp"
-    save_file({"context": value}, str(tmp))
+    save_file(tensors, str(tmp))
     os.replace(tmp, folder / NULL_CONTEXT)
 
 
@@ -95,6 +99,9 @@ class LatentData:
     null_context: torch.Tensor  # [L, D] fp16 ([L] int32 tokens when the cache holds tokens)
     manifest: dict
     tokens: torch.Tensor | None = None  # [N, L] int32 with ``latents.text: tokens``
+    pooled: torch.Tensor | None = None  # [N, P] with SDXL's towers
+    time_ids: torch.Tensor | None = None  # [N, 6] float32 with SDXL's towers
+    null_pooled: torch.Tensor | None = None  # [P] with SDXL's towers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -125,12 +132,16 @@ def load_latents(folder: str | Path, shards: list[str] | None = None) -> LatentD
     manifest = read_manifest(folder)
     shards = shards if shards is not None else expand_shards(str(folder))
     means, stds, contexts, tokens, captions, keys = [], [], [], [], [], []
+    extras: dict[str, list] = {"pooled": [], "time_ids": []}
     # every rank reads the whole (small) split: an explicit identity node splitter says so
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards):
         tensors = unpack_tensors(sample[LATENT_MEMBER])
         means.append(tensors["mean"])
         stds.append(tensors["std"])
         (contexts if "context" in tensors else tokens).append(tensors.get("context", tensors.get("tokens")))
+        for name, values in extras.items():
+            if name in tensors:
+                values.append(tensors[name])
         captions.append(sample["txt"].decode("utf-8"))
         keys.append(sample["__key__"])
     if not keys:
@@ -139,7 +150,9 @@ def load_latents(folder: str | Path, shards: list[str] | None = None) -> LatentD
         shapes = ", ".join(sorted(manifest.get("bucket_samples", {})))
         raise DataError(f"latent cache {folder} holds latents of several shapes (data.buckets: {shapes}); "
                         "it is read one bucket at a time (load_latent_buckets, or the streaming loader)")
-    null = load_file(str(folder / NULL_CONTEXT))["context"]
+    nulls = load_file(str(folder / NULL_CONTEXT))
     context = torch.stack(contexts) if contexts else None
     token_ids = torch.stack(tokens) if tokens else None
-    return LatentData(torch.stack(means), torch.stack(stds), context, captions, keys, null, manifest, token_ids)
+    stacked = {k: torch.stack(v) if v else None for k, v in extras.items()}
+    return LatentData(torch.stack(means), torch.stack(stds), context, captions, keys, nulls["context"], manifest,
+                      token_ids, **stacked, null_pooled=nulls.get("pooled"))

@@ -38,6 +38,7 @@ from ..utils.hashing import tensor_hash
 from ..utils.runs import OutputExistsError
 from . import ledger
 from .cache import DTYPES, pack_sample, save_null_context, write_manifest
+from .micro import batch_time_ids
 from .ranks import RankGroup, Ranks
 
 
@@ -75,6 +76,11 @@ class Encoders:
         if self.buckets:
             check_multiple(self.buckets, 8 * self.down, f"8 x the autoencoder's downsampling factor {self.down}")
 
+    @property
+    def pooled(self) -> bool:
+        """SDXL's towers: the pooled embedding and the size/crop ids are stored too."""
+        return hasattr(self.text, "encode_with_pooled")
+
     def context_shape(self) -> list[int]:
         return [self.text.context_length] + ([self.text.width] if self.cfg.text == "embedding" else [])
 
@@ -88,7 +94,15 @@ class Encoders:
         mean, std = encode_posterior(self.vae, images)
         dtype = DTYPES[self.cfg.dtype]
         captions = [s["caption"] for s in batch]
-        if self.cfg.text == "embedding":
+        if self.pooled:
+            if self.cfg.text != "embedding":
+                raise DataError("latents.text: tokens is not supported with text.encoder: sdxl; use embedding")
+            context, pooled = self.text.encode_with_pooled(captions)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target = (mean.shape[-2] * factor, mean.shape[-1] * factor)  # per sample's latent: per bucket too
+            text = {"context": context.to(dtype).cpu(), "pooled": pooled.to(dtype).cpu(),
+                    "time_ids": batch_time_ids(batch, target)}
+        elif self.cfg.text == "embedding":
             text = {"context": self.text(captions).to(dtype).cpu()}
         else:
             text = {"tokens": self.text.tokenize(captions).to(torch.int32)}
@@ -101,6 +115,9 @@ class Encoders:
                 tensors = {"mean": mean[i].to(dtype).cpu(), "std": std[i].to(dtype).cpu()}
             out.append({**tensors, **{k: v[i] for k, v in text.items()}})
         return out
+
+    def null_pooled(self) -> torch.Tensor | None:
+        return self.text.encode_with_pooled([""])[1][0] if self.pooled else None
 
     def null_context(self) -> torch.Tensor:
         if self.cfg.text == "embedding":
@@ -315,6 +332,7 @@ def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) ->
         "shift_factor": shift,
         "text_encoder": enc.text.name,
         "context_shape": enc.context_shape(),
+        **({"pooled_width": enc.text.pooled_width, "time_ids": True} if enc.pooled else {}),
         "dtype": enc.cfg.dtype,
         "store": enc.cfg.store,
         "text": enc.cfg.text,
@@ -326,7 +344,7 @@ def _finish(out: Path, entries: list[dict], shards: list[str], enc: Encoders) ->
                         f"encode {out} (finished shards are kept; rerunning retries the failed ones)")
     if manifest["samples_written"] == 0:
         raise DataError(f"no usable samples in {', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}")
-    save_null_context(out, enc.null_context(), DTYPES[enc.cfg.dtype])
+    save_null_context(out, enc.null_context(), DTYPES[enc.cfg.dtype], enc.null_pooled())
     write_manifest(out, manifest)
     return manifest
 

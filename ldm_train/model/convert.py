@@ -4,7 +4,7 @@ imported; weights are never unpickled).
 
 The supported family is the SD U-Net: ``CrossAttnDownBlock2D``/``DownBlock2D`` levels, mirrored up
 blocks, ``UNetMidBlock2DCrossAttn``, SiLU, positional (sinusoidal) time embedding, optional
-``num_class_embeds`` class embedding. Anything else with a non-default value raises
+``num_class_embeds`` class embedding, SDXL's ``addition_embed_type: text_time``. Anything else with a non-default value raises
 :class:`UnsupportedUNetConfig` naming the key.
 
 diffusers quirk: ``num_attention_heads`` must be None there, and its ``attention_head_dim`` is
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ldm_train.config import ModelConfig, migrate
 from ldm_train.errors import UserError
 from ldm_train.model.family import (
-    CROSS_DOWN, CROSS_UP, FAMILY_DEFAULTS, IGNORED, MID, MUST_BE, PLAIN_DOWN, PLAIN_UP, same_value,
+    ADDITION_TYPES, CROSS_DOWN, CROSS_UP, FAMILY_DEFAULTS, IGNORED, MID, MUST_BE, PLAIN_DOWN, PLAIN_UP, same_value,
 )
 from ldm_train.model.unet import attention_sites, build_unet, level_heads, validate_config
 
@@ -124,6 +124,20 @@ def _heads(cfg: dict, chs: list[int], levels: list[bool], source: str) -> dict:
     return {"channels_per_head": chs[sites[0]] // heads[sites[0]], "num_attention_heads": heads}
 
 
+def _addition(cfg: dict, source: str) -> dict:
+    """SDXL's ``addition_embed_type: text_time`` keys (the others are refused by MUST_BE)."""
+    kind = _get(cfg, "addition_embed_type")
+    if kind not in ADDITION_TYPES:
+        raise _refuse(source, "addition_embed_type", kind, f"only {' or '.join(map(repr, ADDITION_TYPES))}")
+    if kind is None:
+        return {}
+    dim, proj = _get(cfg, "addition_time_embed_dim"), _get(cfg, "projection_class_embeddings_input_dim")
+    if dim is None or proj is None:
+        raise _refuse(source, "addition_embed_type", kind,
+                      "text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim")
+    return {"addition_embed_type": kind, "addition_time_embed_dim": dim, "projection_class_embeddings_input_dim": proj}
+
+
 def model_config_from_diffusers(cfg: dict, source: str) -> ModelConfig:
     """Translate a diffusers ``UNet2DConditionModel`` config (``config.json`` as a dict).
     Raises :class:`UnsupportedUNetConfig` naming the key and ``source`` outside the family."""
@@ -140,8 +154,9 @@ def model_config_from_diffusers(cfg: dict, source: str) -> ModelConfig:
         transformer_layers_per_block=_depths(cfg, n, source),
         use_linear_projection=_get(cfg, "use_linear_projection"), flip_sin_to_cos=_get(cfg, "flip_sin_to_cos"),
         freq_shift=_get(cfg, "freq_shift"), norm_eps=float(_get(cfg, "norm_eps")),
-        num_class_embeds=_get(cfg, "num_class_embeds"), upcast_attention=_get(cfg, "upcast_attention"),
-        **_heads(cfg, chs, levels, source),
+        num_class_embeds=_get(cfg, "num_class_embeds"),
+        upcast_attention=bool(_get(cfg, "upcast_attention")),  # SDXL's config has null
+        **_heads(cfg, chs, levels, source), **_addition(cfg, source),
     )
     try:
         model_cfg = ModelConfig(**kw)
@@ -169,6 +184,9 @@ def diffusers_config_from_model(cfg: ModelConfig, sample_size: int | None = None
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
         "use_linear_projection": c["use_linear_projection"], "num_class_embeds": c["num_class_embeds"],
         "upcast_attention": c["upcast_attention"],
+        **({"addition_embed_type": c["addition_embed_type"], "addition_time_embed_dim": c["addition_time_embed_dim"],
+            "projection_class_embeddings_input_dim": c["projection_class_embeddings_input_dim"]}
+           if c["addition_embed_type"] else {}),
     }
 
 

@@ -15,7 +15,10 @@ FAMILY_DEFAULTS = {
     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "dropout": 0.0,
     "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
     "attention_head_dim": 8, "use_linear_projection": False, "num_class_embeds": None, "upcast_attention": False,
+    # SDXL (addition_embed_type "text_time"): pooled text + size/crop ids added to the time embedding
+    "addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
 }
+ADDITION_TYPES = (None, "text_time")
 
 # Keys outside the family -> the values we accept (diffusers' default, or an equivalent).
 MUST_BE = {
@@ -30,8 +33,6 @@ MUST_BE = {
     "mid_block_scale_factor": (1,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "addition_embed_type_num_heads": (64,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -44,7 +45,6 @@ MUST_BE = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),

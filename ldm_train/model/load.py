@@ -27,7 +27,8 @@ from ldm_train.model.unet import UNet, attention_sites, build_unet, level_depths
 ARCHITECTURE_KEYS = (
     "in_channels", "out_channels", "block_out_channels", "attention_levels", "layers_per_block",
     "cross_attention_dim", "use_linear_projection", "flip_sin_to_cos", "freq_shift", "norm_num_groups",
-    "norm_eps", "num_class_embeds",
+    "norm_eps", "num_class_embeds", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 )
 
 

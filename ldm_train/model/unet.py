@@ -28,6 +28,11 @@ plus ``init_from``, which is for the training loop, not the constructor):
 - ``num_class_embeds``: optional nn.Embedding of class labels added to the time embedding
   (diffusers ``class_embedding``); ``forward`` then needs ``class_labels``.
 - ``upcast_attention``: compute attention in fp32 under fp16/bf16 autocast.
+- ``addition_embed_type``: ``"text_time"`` for SDXL's added conditioning (pooled text embedding +
+  sinusoidal size/crop/target-size ids, :mod:`ldm_train.model.addition`), with
+  ``addition_time_embed_dim`` (channels per id) and ``projection_class_embeddings_input_dim``
+  (pooled width + 6 x that; diffusers' names). ``forward`` then reads them from the packed context,
+  or from ``text_embeds``/``time_ids``.
 - ``gradient_checkpointing``: recompute each down/mid/up block in the backward pass (training only).
 
 Module and parameter names are diffusers' ``UNet2DConditionModel``'s, so SD weights load by name.
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_train.model.addition import N_TIME_IDS, TEXT_TIME, ContextLayout, pooled_dim
 from ldm_train.model.blocks import DownBlock, MidBlock, UpBlock
 from ldm_train.model.layers import RESNET_EPS, TimestepEmbedding, Timesteps
 
@@ -103,6 +109,31 @@ def validate_config(c: dict) -> None:
         if ch % c["norm_num_groups"]:
             raise ValueError(f"model.block_out_channels[{i}]={ch} is not divisible by model.norm_num_groups={c['norm_num_groups']}")
     _validate_heads(c)
+    _validate_addition(c)
+
+
+def _validate_addition(c: dict) -> None:
+    kind = c.get("addition_embed_type")
+    if kind is None:
+        if c.get("projection_class_embeddings_input_dim") is not None:
+            raise ValueError("model.projection_class_embeddings_input_dim is set but model.addition_embed_type is null")
+        return
+    if kind != TEXT_TIME:
+        raise ValueError(f"model.addition_embed_type must be null or {TEXT_TIME!r}, got {kind!r}")
+    dim, proj = c["addition_time_embed_dim"], c.get("projection_class_embeddings_input_dim")
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"model.addition_time_embed_dim must be a positive even number, got {dim}")
+    if proj is None or pooled_dim(proj, dim) <= 0:
+        raise ValueError(f"model.projection_class_embeddings_input_dim ({proj}) must exceed {N_TIME_IDS} x "
+                         f"model.addition_time_embed_dim ({N_TIME_IDS * dim}): the rest is the pooled text width")
+
+
+def context_layout(config: dict) -> ContextLayout | None:
+    """Where a ``text_time`` U-Net finds the pooled embedding and time ids in its context."""
+    if config.get("addition_embed_type") != TEXT_TIME:
+        return None
+    pooled = pooled_dim(config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"])
+    return ContextLayout(config["cross_attention_dim"], pooled)
 
 
 def _validate_heads(c: dict) -> None:
@@ -145,6 +176,9 @@ class UNet(nn.Module):
         norm_eps: float = RESNET_EPS,
         num_class_embeds: int | None = None,
         upcast_attention: bool = False,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int = 256,
+        projection_class_embeddings_input_dim: int | None = None,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -166,6 +200,10 @@ class UNet(nn.Module):
         self.time_proj = Timesteps(chs[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
         self.class_embedding = nn.Embedding(num_class_embeds, temb) if num_class_embeds else None
+        self.layout = context_layout(cfg)
+        if self.layout is not None:  # diffusers' names: SDXL weights load by name
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, temb)
         heads, depths = level_heads(cfg), level_depths(cfg)
         self.down_blocks = self._build_down(chs, cfg["attention_levels"], heads, depths, layers_per_block, kw)
         self.mid_block = MidBlock(chs[-1], heads=heads[-1], depth=depths[-1], kw=kw)
@@ -218,21 +256,39 @@ class UNet(nn.Module):
         labels = self._per_sample(class_labels, sample, "class_labels")
         return temb + self.class_embedding(labels).to(sample.dtype)
 
+    def _added(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """add_embedding([pooled ; sinusoid(each time id)]) (diffusers' ``text_time``)."""
+        if time_ids.shape != (text_embeds.shape[0], N_TIME_IDS):
+            raise ValueError(f"time_ids must be [B, {N_TIME_IDS}], got {tuple(time_ids.shape)}")
+        ids = self.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
+        return self.add_embedding(torch.cat([text_embeds, ids.to(text_embeds.dtype)], dim=-1).to(dtype))
+
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
     def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """sample [B,C,H,W], timestep scalar or [B], context [B,L,cross_attention_dim],
-        class_labels [B] int64 (only with ``num_class_embeds``)."""
+        class_labels [B] int64 (only with ``num_class_embeds``). A ``text_time`` U-Net takes
+        ``text_embeds`` [B,P] and ``time_ids`` [B,6] (diffusers' ``added_cond_kwargs``) or, when
+        both are None, unpacks them from the end of ``context`` (:mod:`ldm_train.model.addition`)."""
         if context.ndim != 3 or context.shape[-1] != self.config["cross_attention_dim"]:
             raise ValueError(
                 f"context must be [B, L, {self.config['cross_attention_dim']}] "
                 f"(model.cross_attention_dim), got {tuple(context.shape)}"
             )
         temb = self._embed(timestep, class_labels, sample)
+        if self.layout is not None:
+            if text_embeds is None and time_ids is None:
+                context, text_embeds, time_ids = self.layout.unpack(context)
+            elif text_embeds is None or time_ids is None:
+                raise ValueError("give both text_embeds and time_ids, or neither (then the context carries them)")
+            temb = temb + self._added(text_embeds, time_ids, temb.dtype)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds/time_ids given but the model has no added conditioning (model.addition_embed_type)")
         h = self.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (h,)
         for block in self.down_blocks:

@@ -25,6 +25,7 @@ IDENTITY: dict[str, str] = {}  # SpatialTransformer == diffusers Transformer2DMo
 UNET_TOP = {  # (LDM module, diffusers module, leaf renames)
     "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL's text_time
 }
 
 

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldm_train.pretrained.single_file import CLIP, EXTRAS_FILE, SDCheckpoint, SingleFileError, _separate
+from ldm_train.pretrained.sdxl_keys import SCHEDULER_SDXL
 from ldm_train.text.tokenizer import EOT, PAD, write_clip_tokenizer
 
 SCHEDULER_DEFAULTS = {  # the schedulers of SD 1.5 and SD 2.1 (768-v) as their folders have them
@@ -21,6 +22,7 @@ SCHEDULER_DEFAULTS = {  # the schedulers of SD 1.5 and SD 2.1 (768-v) as their f
     "sd2": {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
             "steps_offset": 1, "trained_betas": None, "prediction_type": "v_prediction"},
+    "sdxl": SCHEDULER_SDXL,
 }
 
 
@@ -32,6 +34,18 @@ def sd_model_index(scheduler_class: str, diffusers_version: str) -> dict:
         "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def sdxl_model_index(scheduler_class: str, diffusers_version: str) -> dict:
+    """``model_index.json`` of a StableDiffusionXLPipeline (two towers, two tokenizers)."""
+    return {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
     }
 
 
@@ -57,6 +71,11 @@ def read_pipeline_folder(folder) -> SDCheckpoint:
     text_config, text = _read_component(folder, "text_encoder", "model.safetensors")
     family = "sd2" if unet_config.get("use_linear_projection") else "sd1"
     text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.items()}
+    text_2_config = text_2 = None
+    if (folder / "text_encoder_2").is_dir():  # an SDXL pipeline
+        family = "sdxl"
+        text_2_config, text_2 = _read_component(folder, "text_encoder_2", "model.safetensors")
+        text_2 = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in text_2.items()}
     extras_file = folder / "text_encoder" / EXTRAS_FILE
     if extras_file.is_file():
         extras = load_file(str(extras_file))
@@ -66,13 +85,15 @@ def read_pipeline_folder(folder) -> SDCheckpoint:
     else:
         extras = {}
     width, context = text_config.get("hidden_size"), unet_config.get("cross_attention_dim")
+    width += text_2_config.get("hidden_size", 0) if text_2_config else 0
     if width != context:
         raise SingleFileError(f"{folder}: the U-Net's cross_attention_dim {context} differs from the "
                               f"text encoder's width {width}")
     unet_config.setdefault("_class_name", "UNet2DConditionModel")
     vae_config.setdefault("_class_name", "AutoencoderKL")
     return SDCheckpoint(family=family, unet_config=unet_config, unet=unet, vae_config=vae_config, vae=vae,
-                        text_config=text_config, text=text, extras=extras, ema=False, ignored={})
+                        text_config=text_config, text=text, extras=extras, ema=False, ignored={},
+                        text_2_config=text_2_config, text_2=text_2)
 
 
 def _diffusers_version() -> str:
@@ -101,6 +122,8 @@ def write_pipeline_folder(ckpt: SDCheckpoint, out: Path, scheduler_config: dict 
         "vae": ({**ckpt.vae_config, "_diffusers_version": version}, ckpt.vae, "diffusion_pytorch_model.safetensors"),
         "text_encoder": (ckpt.text_config, ckpt.text, "model.safetensors"),
     }
+    if ckpt.family == "sdxl":
+        parts["text_encoder_2"] = (ckpt.text_2_config, ckpt.text_2, "model.safetensors")
     for name, (config, tensors, weights) in parts.items():
         (partial / name).mkdir(parents=True)
         (partial / name / "config.json").write_text(json.dumps(config, indent=2))
@@ -109,10 +132,12 @@ def write_pipeline_folder(ckpt: SDCheckpoint, out: Path, scheduler_config: dict 
         save_file(_separate(ckpt.extras), str(partial / "text_encoder" / EXTRAS_FILE), metadata={"format": "pt"})
     write_clip_tokenizer(partial / "tokenizer", ckpt.text_config.get("max_position_embeddings", 77),
                          pad=PAD if ckpt.family == "sd2" else EOT)
+    if ckpt.family == "sdxl":  # bigG's tokenizer pads with "!"
+        write_clip_tokenizer(partial / "tokenizer_2", ckpt.text_2_config.get("max_position_embeddings", 77), pad=PAD)
     (partial / "scheduler").mkdir()
     scheduler.setdefault("_class_name", SCHEDULER_DEFAULTS[ckpt.family]["_class_name"])
     (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "_diffusers_version": version}, indent=2))
-    index = sd_model_index(scheduler["_class_name"], version)
+    index = (sdxl_model_index if ckpt.family == "sdxl" else sd_model_index)(scheduler["_class_name"], version)
     (partial / "model_index.json").write_text(json.dumps(index, indent=2))
     if out.exists():
         out.rmdir()

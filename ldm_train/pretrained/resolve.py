@@ -30,12 +30,13 @@ from ..model.convert import model_config_from_diffusers
 from ..model.load import architecture_differences
 from ..model.unet import unet_kwargs
 from .scheduler import SCHEDULE_KEYS, ddim_scheduler, schedule_keys
+from .sdxl import SDXL_PARTS, check_sdxl_widths, is_sdxl, sdxl_text_updates
 
 log = logging.getLogger(__name__)
 
 PARTS = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
          "scheduler/scheduler_config.json")
-NOT_YET = {"StableDiffusionXL": "SDXL", "StableDiffusion3": "SD3", "StableCascade": "Stable Cascade",
+NOT_YET = {"StableDiffusionXLImg2Img": "the SDXL refiner", "StableDiffusion3": "SD3", "StableCascade": "Stable Cascade",
            "Flux": "FLUX", "PixArt": "PixArt", "Kandinsky": "Kandinsky"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # model.* keys that do not change what the weights compute: the user's value is kept.
@@ -61,6 +62,7 @@ class Pretrained:
     vae: dict
     text: dict
     scheduler: dict
+    text_2: dict | None = None  # SDXL's second tower (text_encoder_2/config.json)
 
 
 def _read_json(path: Path) -> dict:
@@ -80,11 +82,13 @@ def read_pipeline_configs(folder: Path) -> Pretrained:
     if family is not None:
         raise PretrainedError(f"pretrained: {index} is a {name} ({family}): {family} models are not supported yet "
                               "(SD 1.x and 2.x are)")
-    missing = [p for p in PARTS if not (folder / p).exists()]
+    parts = PARTS + (SDXL_PARTS if is_sdxl(name, folder) else ())
+    missing = [p for p in parts if not (folder / p).exists()]
     if missing:
         raise PretrainedError(f"pretrained: {folder} lacks {', '.join(missing)}; a Stable Diffusion pipeline folder "
-                              f"has all of {', '.join(p.split('/')[0] + '/' for p in PARTS)}")
-    return Pretrained(folder, *(_read_json(folder / p) for p in (PARTS[0], PARTS[1], PARTS[2], PARTS[4])))
+                              f"has all of {', '.join(p.split('/')[0] + '/' for p in parts)}")
+    text_2 = _read_json(folder / SDXL_PARTS[0]) if len(parts) > len(PARTS) else None
+    return Pretrained(folder, *(_read_json(folder / p) for p in (PARTS[0], PARTS[1], PARTS[2], PARTS[4])), text_2)
 
 
 def _stamp(path: Path, prediction_type: str) -> str:
@@ -203,7 +207,9 @@ def _updates(cfg: Config, pre: Pretrained, errors: list[str]) -> dict[str, objec
             if key in pre.vae and key not in cfg.autoencoder.model_fields_set:
                 up[f"autoencoder.{key}"] = pre.vae[key]
     text_set = cfg.text.model_fields_set
-    if "encoder" not in text_set and "path" not in cfg.text.transformers.model_fields_set:
+    if pre.text_2 is not None:
+        up.update(sdxl_text_updates(text_set, cfg.text.sdxl.model_fields_set, pre.folder))
+    elif "encoder" not in text_set and "path" not in cfg.text.transformers.model_fields_set:
         up["text.encoder"], up["text.transformers.path"] = "transformers", str(pre.folder)
     if "resolution" not in cfg.data.model_fields_set and pre.unet.get("sample_size"):
         down = 2 ** (len(pre.vae.get("block_out_channels", [0] * 4)) - 1)
@@ -222,9 +228,13 @@ def apply_pretrained(cfg: Config) -> Config:
     updates = _updates(cfg, pre, errors)
     if updates.get("text.encoder") == "transformers":  # the pipeline's own text tower
         _check_text_width(pre, errors)
+    if updates.get("text.encoder") == "sdxl":
+        errors += check_sdxl_widths(pre.unet, pre.text, pre.text_2, pre.folder)
     if errors:
         raise PretrainedError(f"the config contradicts pretrained {cfg.pretrained}:\n  " + "\n  ".join(errors))
     tree = cfg.model_dump()
+    # data.buckets refuses grid keys next to an explicit sizes list *when set*: a full dump would set them all
+    tree["data"]["buckets"] = cfg.data.buckets.model_dump(exclude_unset=True)
     for key, value in updates.items():
         _set_dotted(tree, key, value)
     if "lr" not in cfg.train.model_fields_set and cfg.train.lr > 1e-4:

@@ -29,6 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldm_train.errors import UserError
+from ldm_train.pretrained.sdxl_keys import (
+    SDXL_CLIP, SDXL_OPEN_CLIP, SDXL_PREFIXES, SDXL_SCALING_FACTOR, check_sdxl_text, is_sdxl_file, projection_from_open_clip,
+    projection_to_open_clip, sdxl_unet_config, with_projection,
+)
 from ldm_train.pretrained.ldm_keys import (
     OPEN_CLIP_LAYER, OPEN_CLIP_TOP, rename, unet_modules, vae_key_to_diffusers, vae_key_to_ldm,
 )
@@ -52,7 +56,6 @@ OTHER_FAMILIES = (
     ("model.diffusion_model.double_blocks.", "FLUX"),
     ("double_blocks.", "FLUX"),
     ("joint_blocks.", "SD3"),
-    ("conditioner.embedders.", "SDXL"),
     ("control_model.", "ControlNet"),
     ("low_scale_model.", "SD x4 upscaler"),
     ("model.diffusion_model.label_emb.", "class-conditioned SD (unCLIP / upscaler)"),
@@ -64,7 +67,7 @@ class SingleFileError(UserError):
 
 @dataclass
 class SDCheckpoint:
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     unet_config: dict  # diffusers UNet2DConditionModel config.json
     unet: dict[str, torch.Tensor]  # diffusers UNet2DConditionModel keys
     vae_config: dict  # diffusers AutoencoderKL config.json
@@ -74,6 +77,8 @@ class SDCheckpoint:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # original-layout keys, verbatim
     ema: bool = False  # the U-Net weights came from model_ema.*
     ignored: dict[str, int] = field(default_factory=dict)  # skipped key groups -> count
+    text_2_config: dict | None = None  # sdxl: CLIPTextModelWithProjection config.json (OpenCLIP bigG)
+    text_2: dict[str, torch.Tensor] | None = None  # sdxl: its checkpoint keys (text_model.*, text_projection.*)
 
 
 # --------------------------------------------------------------------------------- file access
@@ -147,14 +152,20 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], int]:
 
 # ------------------------------------------------------------------------------ classification
 def _classify(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    """The family ("sd1" | "sd2"), or a refusal naming what the file is instead."""
+    """The family ("sd1" | "sd2" | "sdxl"), or a refusal naming what the file is instead."""
+    if is_sdxl_file(shapes) and any(k.startswith(UNET) for k in shapes) and any(k.startswith(VAE) for k in shapes):
+        try:
+            check_sdxl_text(path, shapes)
+        except ValueError as e:
+            raise SingleFileError(str(e)) from None
+        return "sdxl"
     for marker, name in OTHER_FAMILIES:
         if any(k.startswith(marker) for k in shapes):
             if name == "diffusers-layout":
                 raise SingleFileError(f"{path}: a diffusers-layout state dict, not an original-layout SD "
                                       "single file; give the diffusers pipeline folder instead")
             raise SingleFileError(f"{path}: {name} single files are not supported yet (found {marker}*); "
-                                  "only Stable Diffusion 1.x and 2.x are")
+                                  "only Stable Diffusion 1.x, 2.x and XL are")
     if not any(k.startswith(UNET) for k in shapes):
         raise SingleFileError(f"{path}: not a Stable Diffusion checkpoint (no {UNET}* U-Net keys)")
     if not any(k.startswith(VAE) for k in shapes):
@@ -219,7 +230,7 @@ def unet_config_from_ldm(path: Path, family: str, unet: dict[str, torch.Tensor])
         raise SingleFileError(f"{path}: the U-Net has no cross-attention: not an SD U-Net")
     proj = unet[next(f"input_blocks.{1 + i * (n + 1)}.1.proj_in.weight" for i, a in enumerate(attends) if a)]
     to_k = next(v for k, v in unet.items() if k.endswith("attn2.to_k.weight"))
-    if family == "sd2" and any(c % 64 for c in channels):
+    if family != "sd1" and any(c % 64 for c in channels):
         raise SingleFileError(f"{path}: SD 2.x U-Net channels {channels} are not multiples of 64 (its heads)")
     attention_depths = [d for d, a in zip(depths, attends) if a]
     config = {
@@ -233,7 +244,7 @@ def unet_config_from_ldm(path: Path, family: str, unet: dict[str, torch.Tensor])
         "layers_per_block": n,
         "cross_attention_dim": to_k.shape[1],
         # diffusers' attention_head_dim is the head COUNT: SD 1.x 8 everywhere, SD 2.x channels/64
-        "attention_head_dim": [c // 64 for c in channels] if family == "sd2" else 8,
+        "attention_head_dim": [c // 64 for c in channels] if family != "sd1" else 8,
         "use_linear_projection": proj.ndim == 2,
         "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "center_input_sample": False,
         "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
@@ -343,11 +354,11 @@ def _clip_config(family: str, vocab: int, width: int, positions: int, intermedia
     }
 
 
-def _clip_text_from_ldm(state: dict[str, torch.Tensor]):
-    """SD 1.x: the file holds a transformers CLIPTextModel already (``text_model.*``)."""
-    sub = _sub(state, CLIP)
+def _clip_text_from_ldm(state: dict[str, torch.Tensor], prefix: str = CLIP):
+    """SD 1.x (and SDXL's first tower): the file holds a transformers CLIPTextModel already (``text_model.*``)."""
+    sub = _sub(state, prefix)
     text = {k: v for k, v in sub.items() if k.startswith("text_model.") and not k.endswith(".position_ids")}
-    extras = {CLIP + k: v for k, v in sub.items() if k not in text}  # position_ids: a buffer, kept verbatim
+    extras = {prefix + k: v for k, v in sub.items() if k not in text}  # position_ids: a buffer, kept verbatim
     p = "text_model."
     layers = len({k.split(".")[3] for k in text if k.startswith(p + "encoder.layers.")})
     vocab, width = text[p + "embeddings.token_embedding.weight"].shape
@@ -356,11 +367,11 @@ def _clip_text_from_ldm(state: dict[str, torch.Tensor]):
     return config, text, extras
 
 
-def _open_clip_text_from_ldm(path: Path, state: dict[str, torch.Tensor]):
+def _open_clip_text_from_ldm(path: Path, state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP, keep_last: bool = False):
     """SD 2.x conditions on the penultimate OpenCLIP block (then ln_final), so, as in diffusers' SD 2
     ``text_encoder/``, the CLIPTextModel has every block but the last; that one, text_projection
-    and logit_scale stay in the extras."""
-    sub = _sub(state, OPEN_CLIP)
+    and logit_scale stay in the extras. ``keep_last`` (SDXL's bigG): every block, and the projection."""
+    sub = _sub(state, prefix)
     blocks = 1 + max((int(k.split(".")[2]) for k in sub if k.startswith("transformer.resblocks.")), default=-1)
     if blocks < 2:
         raise SingleFileError(f"{path}: the OpenCLIP text tower has {blocks} blocks; SD 2.x uses the penultimate")
@@ -370,8 +381,8 @@ def _open_clip_text_from_ldm(path: Path, state: dict[str, torch.Tensor]):
             text[OPEN_CLIP_TOP[key]] = value
             continue
         parts = key.split(".")
-        if parts[:2] != ["transformer", "resblocks"] or int(parts[2]) == blocks - 1:
-            extras[OPEN_CLIP + key] = value
+        if parts[:2] != ["transformer", "resblocks"] or (int(parts[2]) == blocks - 1 and not keep_last):
+            extras[prefix + key] = value
             continue
         layer, leaf = f"text_model.encoder.layers.{parts[2]}.", ".".join(parts[3:])
         if leaf in ("attn.in_proj_weight", "attn.in_proj_bias"):  # one [3C, ...] tensor -> q, k, v
@@ -380,33 +391,40 @@ def _open_clip_text_from_ldm(path: Path, state: dict[str, torch.Tensor]):
             continue
         module, param = leaf.rsplit(".", 1)
         if module not in OPEN_CLIP_LAYER:
-            raise SingleFileError(f"{path}: unexpected OpenCLIP tensor {OPEN_CLIP}{key}")
+            raise SingleFileError(f"{path}: unexpected OpenCLIP tensor {prefix}{key}")
         text[f"{layer}{OPEN_CLIP_LAYER[module]}.{param}"] = value
     vocab, width = sub["token_embedding.weight"].shape
     projection = sub["text_projection"].shape[1] if "text_projection" in sub else width
     config = _clip_config("sd2", vocab, width, sub["positional_embedding"].shape[0],
-                          sub["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], blocks - 1, projection)
+                          sub["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], blocks - (not keep_last), projection)
+    if keep_last:
+        text.update(projection_from_open_clip(sub))
+        extras.pop(prefix + "text_projection")
     return config, text, extras
 
 
-def _open_clip_text_to_ldm(config: dict, text: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]):
+def _open_clip_text_to_ldm(config: dict, text: dict[str, torch.Tensor], extras: dict[str, torch.Tensor],
+                           prefix: str = OPEN_CLIP, complete: bool = False):
+    """Back to open_clip's layout; ``complete`` (SDXL's bigG): every block is there, no identity block."""
     back_top = {v: k for k, v in OPEN_CLIP_TOP.items()}
     back_layer = {v: k for k, v in OPEN_CLIP_LAYER.items()}
     out, n = {}, config["num_hidden_layers"]
     for key, value in text.items():
         if key in back_top:
-            out[OPEN_CLIP + back_top[key]] = value
+            out[prefix + back_top[key]] = value
+            continue
+        if key.startswith("text_projection."):
             continue
         parts = key.split(".")  # text_model.encoder.layers.I.<module>.<param>
-        block, module, param = f"{OPEN_CLIP}transformer.resblocks.{parts[3]}.", ".".join(parts[4:-1]), parts[-1]
+        block, module, param = f"{prefix}transformer.resblocks.{parts[3]}.", ".".join(parts[4:-1]), parts[-1]
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             if module == "self_attn.q_proj":  # q, k, v back into one in_proj tensor
                 qkv = [text[f"{'.'.join(parts[:4])}.self_attn.{x}_proj.{param}"] for x in "qkv"]
                 out[f"{block}attn.in_proj_{param}"] = torch.cat(qkv)
             continue
         out[f"{block}{back_layer[module]}.{param}"] = value
-    last = f"{OPEN_CLIP}transformer.resblocks.{n}."
-    if not any(k.startswith(last) for k in extras):
+    last = f"{prefix}transformer.resblocks.{n}."
+    if not complete and not any(k.startswith(last) for k in extras):
         out.update(_identity_block(last, config, text["text_model.final_layer_norm.weight"].dtype))
     return out
 
@@ -458,6 +476,8 @@ def from_single_file_state(state: dict[str, torch.Tensor], *, ema: bool = True, 
         return _convert(path, family, state, ema)
     except KeyError as e:  # a config inference met a tensor every SD checkpoint has
         raise SingleFileError(f"{path}: incomplete {family} checkpoint: no tensor {e.args[0]}") from None
+    except ValueError as e:  # SDXL widths that do not fit together
+        raise SingleFileError(f"{path}: {e}") from None
 
 
 def _convert(path: Path, family: str, state: dict[str, torch.Tensor], ema: bool) -> SDCheckpoint:
@@ -468,18 +488,26 @@ def _convert(path: Path, family: str, state: dict[str, torch.Tensor], ema: bool)
     vae_ldm = _sub(state, VAE)
     extras = {VAE + k: vae_ldm.pop(k) for k in list(vae_ldm) if k.startswith("loss.")}  # a training loss's
     vae_config = vae_config_from_ldm(vae_ldm)
-    if family == "sd1":
+    text_2_config = text_2 = None
+    if family == "sdxl":
+        text_config, text, text_extras = _clip_text_from_ldm(state, SDXL_CLIP)
+        text_2_config, text_2, extras_2 = _open_clip_text_from_ldm(path, state, SDXL_OPEN_CLIP, keep_last=True)
+        text_2_config = with_projection(text_2_config)
+        text_extras.update(extras_2)
+        unet_config = sdxl_unet_config(unet_config, unet_ldm, text_2_config["projection_dim"])
+        vae_config["scaling_factor"] = SDXL_SCALING_FACTOR
+    elif family == "sd1":
         text_config, text, text_extras = _clip_text_from_ldm(state)
     else:
         text_config, text, text_extras = _open_clip_text_from_ldm(path, state)
-    known = (UNET, VAE, EMA, CLIP, OPEN_CLIP)
+    known = (UNET, VAE, EMA, CLIP, OPEN_CLIP, *SDXL_PREFIXES)
     extras.update(text_extras)
     extras.update({k: v for k, v in state.items() if not k.startswith(known) and k not in SCHEDULE})
     return SDCheckpoint(
         family=family, unet_config=unet_config, unet=unet_to_diffusers(path, unet_config, unet_ldm),
         vae_config=vae_config, vae=vae_to_diffusers(path, vae_config, vae_ldm),
         text_config=text_config, text=text, extras=extras, ema=used_ema,
-        ignored={k: n for k, n in ignored.items() if n},
+        ignored={k: n for k, n in ignored.items() if n}, text_2_config=text_2_config, text_2=text_2,
     )
 
 
@@ -491,8 +519,12 @@ def to_single_file_state(ckpt: SDCheckpoint, dtype: torch.dtype | None = None) -
         state.update({CLIP + k: v for k, v in ckpt.text.items()})
     elif ckpt.family == "sd2":
         state.update(_open_clip_text_to_ldm(ckpt.text_config, ckpt.text, ckpt.extras))
+    elif ckpt.family == "sdxl":
+        state.update({SDXL_CLIP + k: v for k, v in ckpt.text.items()})
+        state.update(_open_clip_text_to_ldm(ckpt.text_2_config, ckpt.text_2, ckpt.extras, SDXL_OPEN_CLIP, complete=True))
+        state.update(projection_to_open_clip(ckpt.text_2))
     else:
-        raise SingleFileError(f"unknown SD family {ckpt.family!r} (sd1 or sd2)")
+        raise SingleFileError(f"unknown SD family {ckpt.family!r} (sd1, sd2 or sdxl)")
     state.update(ckpt.extras)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

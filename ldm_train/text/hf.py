@@ -138,10 +138,20 @@ def load_hf_folders(model_dir: Path, tokenizer_dir: Path, layer: str | int = "la
         raise TextEncoderError(f"cannot read {model_dir / 'config.json'}: {first_line(e)}") from None
     total = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers", 12))
     kept_layers(layer, total)  # refuse a layer too deep before reading the weights
+    model = load_clip_model(CLIPTextModel, model_dir)
+    return HFTextEncoder(_cut(model, layer), load_tokenizer(tokenizer_dir), layer, total)
+
+
+def load_clip_model(cls, model_dir: Path):
+    """A transformers CLIP text model class (``CLIPTextModel``, ``...WithProjection``) from a local folder, fp32."""
     try:
-        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True, **{_DTYPE_KW: torch.float32})
+        return cls.from_pretrained(model_dir, local_files_only=True, **{_DTYPE_KW: torch.float32})
     except (OSError, ValueError, KeyError) as e:
-        raise TextEncoderError(f"cannot load a CLIPTextModel from {model_dir}: {first_line(e)}") from None
+        raise TextEncoderError(f"cannot load a {cls.__name__} from {model_dir}: {first_line(e)}") from None
+
+
+def load_tokenizer(tokenizer_dir: Path) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` from a local folder, refusing one transformers would build empty."""
     if not (tokenizer_dir / "tokenizer.json").is_file() and not all(
             (tokenizer_dir / f).is_file() for f in ("vocab.json", "merges.txt")):
         # transformers 5 would build an empty tokenizer from such a folder, without a word
@@ -152,7 +162,7 @@ def load_hf_folders(model_dir: Path, tokenizer_dir: Path, layer: str | int = "la
     except (OSError, ValueError, TypeError) as e:
         raise TextEncoderError(f"cannot load a CLIPTokenizer from {tokenizer_dir}: {first_line(e)}; provide "
                                "vocab.json, merges.txt and tokenizer_config.json") from None
-    return HFTextEncoder(_cut(model, layer), tokenizer, layer, total)
+    return tokenizer
 
 
 def load_hf_text(cfg: TextConfig) -> HFTextEncoder:
@@ -166,15 +176,20 @@ def save_hf_text(text: HFTextEncoder, root: Path) -> None:
     diffusers' ``StableDiffusionPipeline.from_pretrained`` reads them. The weights go under the
     ``text_model.*`` names that every transformers version loads (transformers 5 writes them
     without the prefix, which transformers 4 cannot read)."""
-    model_dir = root / MODEL_DIR
+    save_clip_model(text.model, root / MODEL_DIR)
+    save_tokenizer(text.tokenizer, root / TOKENIZER_DIR)
+
+
+def save_clip_model(model, model_dir: Path) -> None:
+    """config.json + ``model.safetensors`` with every text-tower tensor under ``text_model.*``
+    (a projection stays ``text_projection.*``), the names both transformers 4 and 5 load."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    text.model.config.architectures = ["CLIPTextModel"]
-    text.model.config.save_pretrained(model_dir)
-    state = {k if k.startswith("text_model.") else "text_model." + k: v.detach().contiguous().cpu()
-             for k, v in text.model.state_dict().items()}
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(model_dir)
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     state.pop("text_model.embeddings.position_ids", None)  # a buffer, rebuilt at load
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_tokenizer(text.tokenizer, root / TOKENIZER_DIR)
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:

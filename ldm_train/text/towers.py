@@ -16,17 +16,23 @@ from ..config import TextConfig
 from .common import TextEncoderError
 from .encoder import CONFIG_FILE, TextEncoder, check_layer, load_text_encoder, prepare_text_encoder, save_text_encoder
 from .hf import MODEL_DIR, TOKENIZER_DIR, HFTextEncoder, load_hf_folders, load_hf_text, save_hf_text
+from .sdxl import DIRS as SDXL_DIRS
+from .sdxl import SDXLTextEncoder, load_sdxl_folders, load_sdxl_text, save_sdxl_text
 
-AnyTextEncoder = TextEncoder | HFTextEncoder
+AnyTextEncoder = TextEncoder | HFTextEncoder | SDXLTextEncoder
 
 
 def prepare_text(cfg: TextConfig, folder: Path) -> AnyTextEncoder:
+    if cfg.encoder == "sdxl":
+        return load_sdxl_text(cfg)
     if cfg.encoder == "transformers":
         return load_hf_text(cfg)
     return prepare_text_encoder(cfg, Path(folder))
 
 
 def load_text(cfg: TextConfig, folder: Path) -> AnyTextEncoder:
+    if cfg.encoder == "sdxl":
+        return load_sdxl_text(cfg)
     if cfg.encoder == "transformers":
         return load_hf_text(cfg)
     folder = Path(folder)
@@ -35,7 +41,9 @@ def load_text(cfg: TextConfig, folder: Path) -> AnyTextEncoder:
 
 def save_text_components(text: AnyTextEncoder, root: Path) -> None:
     root = Path(root)
-    if isinstance(text, HFTextEncoder):
+    if isinstance(text, SDXLTextEncoder):
+        save_sdxl_text(text, root)
+    elif isinstance(text, HFTextEncoder):
         save_hf_text(text, root)
     else:
         save_text_encoder(text, root / MODEL_DIR)
@@ -45,6 +53,8 @@ def load_text_components(root: Path) -> AnyTextEncoder:
     """The tower saved by :func:`save_text_components` (already cut: loaded as it is)."""
     root = Path(root)
     model_dir = root / MODEL_DIR
+    if (root / SDXL_DIRS[2] / "config.json").is_file():
+        return load_sdxl_folders(root)  # saved as encode_prompt's towers: the layer is SDXL's penultimate
     if (model_dir / CONFIG_FILE).is_file():
         return load_text_encoder(model_dir)
     if (model_dir / "config.json").is_file():

@@ -12,6 +12,7 @@ from ..config import LoaderConfig, TrainConfig
 from ..data.shards import DataError
 from ..latents.cache import NULL_CONTEXT, LatentData, load_latents, read_manifest
 from ..latents.buckets import open_loader
+from ..model.addition import ContextLayout
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -115,13 +116,57 @@ class DevicePrefetch:
         return getattr(self.source, name)
 
 
+class MicroConditioning:
+    """SDXL caches (``pooled`` + ``time_ids`` stored by ``encode``): the source hands the loop a
+    packed context (:mod:`ldm_train.model.addition`) and a null context without the time-id row, so
+    caption dropout keeps the sizes; ``train.size_cond_drop_prob`` zeroes a sample's ids, drawn from
+    the source's host generator (saved in checkpoints) only when it is above 0."""
+
+    def __init__(self, manifest: dict, null_context: torch.Tensor, null_pooled: torch.Tensor | None,
+                 drop_prob: float, generator: torch.Generator, folder):
+        if null_pooled is None:
+            raise DataError(f"latent cache {folder}: it has SDXL's pooled embeddings but {NULL_CONTEXT} lacks "
+                            "'pooled'; encode again")
+        self.layout = ContextLayout(null_context.shape[-1], manifest["pooled_width"])
+        self.null_context = self.layout.pack_null(null_context.float(), null_pooled.float())
+        self.context_shape = [null_context.shape[-2] + self.layout.extra_rows, null_context.shape[-1]]
+        self.drop_prob, self.generator = drop_prob, generator
+
+    def pack(self, context: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
+        if self.drop_prob > 0:  # drawn on the host: the same mask on every device
+            drop = torch.rand(time_ids.shape[0], generator=self.generator) < self.drop_prob
+            time_ids = time_ids * (~drop).to(time_ids.dtype)[:, None]
+        packed = self.layout.pack(context.float(), pooled.float(), time_ids.float())
+        return to_device(packed, device)
+
+
+def micro_conditioning(manifest: dict, null_context: torch.Tensor, null_pooled, drop_prob: float,
+                       generator: torch.Generator, folder) -> MicroConditioning | None:
+    return (MicroConditioning(manifest, null_context, null_pooled, drop_prob, generator, folder)
+            if manifest.get("time_ids") else None)
+
+
+def check_conditioning(layout: ContextLayout | None, batches) -> None:
+    """An SDXL cache needs a text_time U-Net (``layout``: its :func:`~ldm_train.model.unet.context_layout`)
+    of the same widths, and the reverse."""
+    micro = getattr(batches, "micro", None)
+    if (layout is None) != (micro is None) or (layout is not None and layout != micro.layout):
+        have = f"pooled width {micro.layout.pooled}, context width {micro.layout.width}" if micro else "no pooled embedding"
+        need = (f"pooled width {layout.pooled}, context width {layout.width}" if layout
+                else "no added conditioning (model.addition_embed_type null)")
+        raise DataError(f"the latent cache holds {have} but the U-Net takes {need}; encode with the U-Net's text "
+                        "towers (text.encoder: sdxl for an SDXL U-Net)")
+
+
 class MemoryBatches:
     """Random batches (with replacement) from a latent split held in memory, drawn with this
     rank's own seeded generator: every rank sees different samples, and the generator's state is
     the whole data state. Latents are fresh draws ``z ~ N(mean, std^2)`` from the cached
     posterior, scaled to the diffusion latent space."""
 
-    def __init__(self, data: LatentData, batch_size: int, seed: int, rank: int, tokens: bool = False):
+    def __init__(self, data: LatentData, batch_size: int, seed: int, rank: int, tokens: bool = False,
+                 size_drop: float = 0.0):
         self.data = data
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + rank)
@@ -132,6 +177,10 @@ class MemoryBatches:
         self.context_shape = list((data.tokens if self.tokens else data.context).shape[1:])
         self.scale = data.manifest["scaling_factor"]
         self.shift = data.manifest["shift_factor"]
+        self.micro = micro_conditioning(data.manifest, data.null_context, data.null_pooled, size_drop,
+                                        self.generator, "in memory")
+        if self.micro is not None:
+            self.null_context, self.context_shape = self.micro.null_context, self.micro.context_shape
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator)
@@ -139,6 +188,8 @@ class MemoryBatches:
         z = to_latent(mean, std, self.scale, self.shift, generator=self.draw.generator(device))
         if self.tokens:  # the caption tokens: the loop's model encodes them (train.lora.text_encoder)
             return z, to_device(self.data.tokens[idx], device).long()
+        if self.micro is not None:
+            return z, self.micro.pack(self.data.context[idx], self.data.pooled[idx], self.data.time_ids[idx], device)
         return z, to_device(self.data.context[idx], device).float()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -167,13 +218,18 @@ class StreamBatches:
     the latent draws."""
 
     def __init__(self, folder: Path, loader_cfg: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int,
-                 tokens: bool = False):
+                 tokens: bool = False, size_drop: float = 0.0):
         self.manifest = read_manifest(folder)
         self.tokens = check_text(self.manifest, tokens, folder)
         self.loader = open_loader(folder, loader_cfg, batch_size, seed, rank, world_size)  # bucketed or not
-        self.null_context = load_file(str(folder / NULL_CONTEXT))["context"]
+        nulls = load_file(str(folder / NULL_CONTEXT))
+        self.null_context = nulls["context"]
         self.context_shape = list(self.manifest["context_shape"])
         self.generator = torch.Generator().manual_seed(seed + rank)
+        self.micro = micro_conditioning(self.manifest, nulls["context"], nulls.get("pooled"), size_drop,
+                                        self.generator, folder)
+        if self.micro is not None:
+            self.null_context, self.context_shape = self.micro.null_context, self.micro.context_shape
         self.draw = LatentDraw(self.generator, seed + rank)
         self.scale = self.manifest["scaling_factor"]
         self.shift = self.manifest["shift_factor"]
@@ -190,6 +246,8 @@ class StreamBatches:
         z = to_latent(mean, std, self.scale, self.shift, generator=self.draw.generator(device))
         if self.tokens:
             return z, to_device(batch["tokens"], device).long()
+        if self.micro is not None:
+            return z, self.micro.pack(batch["context"], batch["pooled"], batch["time_ids"], device)
         return z, to_device(batch["context"], device).float()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -234,5 +292,5 @@ def training_batches(
         if manifest.get("buckets"):
             raise DataError(f"latent cache {folder} was encoded with data.buckets (latents of several shapes); "
                             "train.data_source: memory holds one shape: set train.data_source=stream")
-        return MemoryBatches(load_latents(folder), train.batch_size, seed, rank, tokens)
-    return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size, tokens)
+        return MemoryBatches(load_latents(folder), train.batch_size, seed, rank, tokens, train.size_cond_drop_prob)
+    return StreamBatches(folder, loader, train.batch_size, seed, rank, world_size, tokens, train.size_cond_drop_prob)

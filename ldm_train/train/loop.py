@@ -22,8 +22,9 @@ from tqdm import tqdm
 from ..config import DiffusionConfig, DistributedConfig, ModelConfig, TrainConfig
 from ..diffusion import build_objective, build_schedule
 from ..model import build_unet
+from ..model.unet import context_layout
 from ..utils.runs import MetricsLog
-from .batches import DevicePrefetch, MemoryBatches, StreamBatches
+from .batches import DevicePrefetch, MemoryBatches, StreamBatches, check_conditioning
 from ..errors import Preempted
 from .control import NonFiniteGuard, SignalFlag, Watchdog
 from .outcome import Readback, StepOutcome
@@ -197,6 +198,7 @@ def train_denoiser(
     device, total, gas = accelerator.device, train.steps, distributed.gradient_accumulation_steps
     schedule = build_schedule(diffusion)
     loss_fn = objective or build_objective(diffusion)
+    check_conditioning(context_layout(model.model_dump()), batches)  # an SDXL cache needs an SDXL U-Net (and the reverse)
     tokens = getattr(batches, "tokens", False)  # int token ids stay ints (drop_context swaps rows)
     null = batches.null_context.to(device, torch.long if tokens else torch.float32)
     step_model = torch.compile(parts.model) if train.compile else parts.model

@@ -73,4 +73,4 @@ def test_bench_unet_takes_a_config_file(tmp_path):
 def test_bench_unet_refuses_an_unknown_config():
     proc = subprocess.run([sys.executable, str(BENCH), "--config", "sd99"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "neither a preset (tiny, small, sd15) nor a config file" in proc.stderr
+    assert "neither a preset (tiny, small, sd15, sdxl-tiny, sdxl) nor a config file" in proc.stderr

@@ -66,7 +66,9 @@ def test_not_a_pipeline_missing_parts_sdxl_and_hub_ids(sd1, tmp_path, capsys):
     xl = tmp_path / "xl"
     shutil.copytree(sd1, xl)
     (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    assert "SDXL models are not supported yet" in refused(capsys, "encode", f"pretrained={xl}")
+    assert f"{xl} lacks text_encoder_2/config.json, tokenizer_2" in refused(capsys, "encode", f"pretrained={xl}")
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    assert "the SDXL refiner models are not supported yet" in refused(capsys, "encode", f"pretrained={xl}")
     err = refused(capsys, "encode", "pretrained=runwayml/stable-diffusion-v1-5")
     assert "not found" in err and "Nothing is downloaded" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "notes.txt").write_text("hi")

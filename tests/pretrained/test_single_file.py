@@ -175,8 +175,9 @@ def _bad_inputs(tmp_path: Path, file: Path) -> dict[str, tuple[Path, str]]:
     cases["code"] = (put("code", {"state_dict": state, "hook": os.system}, ".ckpt"), "weights_only=True")
     cases["not_a_pickle"] = (put("garbage", b"\x80\x02 not a pickle" * 10, ".ckpt"), "not a readable torch checkpoint")
     cases["custom_class"] = (put("custom", {"state_dict": state, "x": Payload()}, ".ckpt"), "weights_only=True")
-    sdxl = ["conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight"]
-    cases["sdxl"] = (put("sdxl", _fake(sdxl)), "SDXL single files are not supported yet")
+    sdxl = ["conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight",
+            "first_stage_model.encoder.conv_in.weight"]  # one tower only (the refiner's layout)
+    cases["sdxl_one_tower"] = (put("sdxl", _fake(sdxl)), "a refiner (one tower) is not supported")
     sd3 = ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "first_stage_model.encoder.conv_in.weight"]
     cases["sd3"] = (put("sd3", _fake(sd3)), "SD3 single files are not supported yet")
     no_unet = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")}
