@@ -40,8 +40,12 @@ def _samples(n, seed, prefix):
     return out
 
 
-def _args(sdxl, run, *extra):
-    return ["--config", "sdxl-finetune", f"pretrained={sdxl}", f"run.dir={run}", "data.resolution=16",
+# The preset's buckets scaled down to the tiny stand-ins: a 16 x 16 grid (one square bucket).
+TINY_BUCKETS = ("data.buckets.area=256", "data.buckets.step=16")
+
+
+def _args(sdxl, run, *extra, buckets=TINY_BUCKETS):
+    return ["--config", "sdxl-finetune", f"pretrained={sdxl}", f"run.dir={run}", "data.resolution=16", *buckets,
             "data.min_size=0", "train.steps=2", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_every=0",
             "train.lr=1e-3", "train.lr_schedule.warmup_steps=0", "distributed.mixed_precision=no",
             "distributed.cpu=true", "latents.batch_size=4", "latents.dtype=fp16", "model.gradient_checkpointing=false",
@@ -160,7 +164,7 @@ def test_bucketed_sdxl_cache_conditions_each_batch_on_its_bucket(sdxl, tmp_path)
     """With data.buckets the target size of the ids is each bucket's (latent x VAE factor), per batch."""
     run = tmp_path / "run"
     args = _args(sdxl, run, "data.buckets.sizes=[[32, 16], [16, 16], [16, 32]]", "train.data_source=stream",
-                 "train.batch_size=2")
+                 "train.batch_size=2", buckets=("data.buckets.area=null",))
     cfg = load_config("sdxl-finetune", args[2:])
     write_shards(_samples(6, 1, "t"), cfg.path(cfg.data.train_shards), "train", 8)
     write_shards(_samples(2, 2, "v"), cfg.path(cfg.data.val_shards), "val", 8)
