@@ -126,7 +126,7 @@ def train_clip(cfg: ClipConfig, train: tuple[torch.Tensor, list[str]], val: tupl
         value = float(loss.detach())
         first = value if first is None else first
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            log.write(stage="clip", step=step + 1, loss=value, logit_scale=float(model.logit_scale.exp()))
+            log.write(stage="clip", step=step + 1, loss=value, logit_scale=float(model.logit_scale.detach().exp()))
             bar.set_postfix(loss=f"{value:.3f}")
     bar.close()
     model.eval().requires_grad_(False)
@@ -135,7 +135,7 @@ def train_clip(cfg: ClipConfig, train: tuple[torch.Tensor, list[str]], val: tupl
         "steps": t.steps,
         "first_loss": first,
         "final_loss": float(loss.detach()) if loss is not None else None,
-        "logit_scale": float(model.logit_scale.exp()),
+        "logit_scale": float(model.logit_scale.detach().exp()),
         "train_pairs": len(pixels),
         "val_retrieval_top1": retrieval_top1(model, val_pixels, val_tokens),
         "val_retrieval_chance": 1 / len(val_pixels),
