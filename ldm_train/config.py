@@ -167,10 +167,10 @@ class ClipTextConfig(Section):
 class ClipTrainConfig(Section):
     """``clip.train``: contrastive training as open_clip trains (InfoNCE both ways, learned temperature)."""
 
-    steps: int = Field(300, ge=0, description="optimizer steps of train-clip")
+    steps: int = Field(200, ge=0, description="optimizer steps of train-clip")
     batch_size: int = Field(256, gt=1, description="image-caption pairs per step (the negatives of each other)")
     lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (then cosine to 0)")
-    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on gains, biases, logit_scale)")
     log_every: int = Field(20, gt=0, description="log the loss every N steps")
 
