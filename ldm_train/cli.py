@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   ldm-train demo                                  # every stage on the emoji set (~15 min on 2 CPU cores)
   ldm-train data emoji --out runs/demo/data
   ldm-train train-vae autoencoder.train.steps=500
+  ldm-train train-clip clip.train.steps=200        # the CLIP the demo conditions on and scores with
   ldm-train train --config micro train.lr=1e-4 run.dir=runs/exp1   # a preset name, or a YAML file
   ldm-train sample --checkpoint runs/demo/export --prompt "red heart" --steps 25 --seed 1 --out heart.png
   ldm-train config keys eval                      # every key, its type, default and doc
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _converter_args(hf)
 
     _common(sub.add_parser("train-vae", help="train the KL autoencoder on data.train_shards -> autoencoder.path"))
+    _common(sub.add_parser("train-clip", help="train a small open_clip CLIP (both towers) on the image-caption shards "
+                                              "-> clip.dir (open_clip's folder layout)"))
     _common(sub.add_parser("encode", help="image shards -> latent shards in latents.dir (VAE + text tower)"))
     _common(sub.add_parser("train", help="train the U-Net denoiser on the latent cache -> {run}/checkpoints"))
 
@@ -187,6 +190,7 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> dict:
     commands = {  # lambdas: `slurm status` has no --overwrite, and only the chosen stage runs
         "data": lambda: _data(stages, args, cfg),
         "train-vae": lambda: stages.train_vae_stage(cfg, args.overwrite),
+        "train-clip": lambda: stages.train_clip_stage(cfg, args.overwrite),
         "encode": lambda: stages.encode_stage(cfg, args.overwrite),
         "train": lambda: stages.train_stage(cfg, args.overwrite),
         "sample": lambda: stages.sample_stage(args.checkpoint, args.prompt, args.out, cfg, args.overwrite,

@@ -6,6 +6,7 @@ Where things go (``{run}`` = ``run.dir``)::
     {run}/config.yaml          resolved config of the last stage run here
     {run}/data/{train,val}/    image-caption shards (``data emoji``)
     {run}/vae/                 diffusers AutoencoderKL (``train-vae``); {run}/recon.png
+    {run}/clip/                small open_clip CLIP, both towers (``train-clip``)
     {run}/text/                frozen open_clip text tower (``encode``)
     {run}/latents/{train,val}/ latent shards (``encode``)
     {run}/checkpoints/         U-Net checkpoints (``train``); {run}/loss.png, {run}/metrics.jsonl
@@ -48,6 +49,33 @@ def data_hf(cfg: Config, dataset: str, split: str | None, image_column: str, cap
     root = out if out is not None else cfg.path(cfg.data.train_shards).parent
     return convert_hf(dataset, root, cfg.data.convert, image_column, caption_column, split,
                       cfg.data.tolerate_failed_shards, overwrite)
+
+
+def train_clip_stage(cfg: Config, overwrite: bool) -> dict:
+    """A small open_clip CLIP on the image-caption shards -> ``clip.dir`` (open_clip's folder layout),
+    trained on the CPU (a model this small gains little from a GPU)."""
+    from .data.shards import SkipReport, check_failed_shards, load_images
+    from .text.clip_train import train_clip
+    from .utils.runs import MetricsLog, prepare_output, record_config
+
+    record_config(cfg, overwrite, stage="train-clip")
+    out = prepare_output(cfg.path(cfg.clip.dir), overwrite, "train-clip")
+    report = SkipReport()
+    images, captions, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, report,
+                                      **cfg.data.read_options())
+    check_failed_shards(report.failed_shards, cfg.data.tolerate_failed_shards, "train-clip")
+    val_images, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport())
+    log = MetricsLog(cfg.path("{run}") / "metrics.jsonl")
+    summary = train_clip(cfg.clip, (images, captions), (val_images, val_captions), out, cfg.run.seed, log)
+    summary["data"] = report.summary()
+    return summary
+
+
+def text_config(cfg: Config):
+    """``text`` with ``{run}`` expanded in ``text.pretrained`` (a file or an open_clip folder)."""
+    if cfg.text.pretrained is None:
+        return cfg.text
+    return cfg.text.model_copy(update={"pretrained": str(cfg.path(cfg.text.pretrained))})
 
 
 def train_vae_stage(cfg: Config, overwrite: bool) -> dict:
@@ -97,9 +125,10 @@ def encode_stage(cfg: Config, overwrite: bool) -> dict:
     summary, failures = {}, []
     with RankGroup(ranks) as group:
         # rank 0 records the config and builds the text tower once; the others then load it
-        group.rank0_first(lambda: (record_config(cfg, overwrite, stage="encode"), prepare_text(cfg.text, cfg.path(cfg.text.dir))))
+        text_cfg = text_config(cfg)
+        group.rank0_first(lambda: (record_config(cfg, overwrite, stage="encode"), prepare_text(text_cfg, cfg.path(cfg.text.dir))))
         vae = load_vae(cfg.path(cfg.autoencoder.path), cfg.autoencoder.dtype).to(device)
-        text = prepare_text(cfg.text, cfg.path(cfg.text.dir)).to(device)
+        text = prepare_text(text_cfg, cfg.path(cfg.text.dir)).to(device)
         enc = Encoders(vae, text, cfg.latents, cfg.data.resolution, device, cfg.run.seed,
                        cfg.data.read_options(), cfg.data.tolerate_failed_shards)
         for split, spec in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
@@ -173,9 +202,8 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         return {}  # one summary per run, from rank 0
     write_status(run, "finished", result.steps)
     curves = {"denoiser loss": log.curve("train", "loss")}
-    vae_points = log.curve("vae", "rec_l1")
-    if vae_points:
-        curves = {"autoencoder L1": vae_points, **curves}
+    earlier = {"autoencoder L1": log.curve("vae", "rec_l1"), "CLIP contrastive loss": log.curve("clip", "loss")}
+    curves = {**{k: v for k, v in earlier.items() if v}, **curves}
     return {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -209,12 +237,14 @@ def _lora_to_continue(cfg: Config, text) -> dict | None:
 
 def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, overwrite: bool,
                  negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
-                 step: int | None = None) -> dict:
-    """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid; see
-    :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size."""
+                 step: int | None = None, references: dict | None = None, keep_images: bool = False) -> dict:
+    """Samples for ``prompts`` (``eval.*``: sampler, steps, guidance, seed) as a PNG grid, a row
+    per prompt (after its real image, where ``references`` has one); see
+    :func:`~ldm_train.eval.sample.generate` for ``negative_prompt`` and the pixel size.
+    ``keep_images``: the images and their captions come back too (the demo scores them)."""
     from .eval.pipeline import load_pipeline
     from .eval.sample import generate, latent_shape, sample_size
-    from .utils.images import save_grid
+    from .utils.images import prompt_grid
     from .utils.runs import check_output, pick_device
 
     check_output(out, overwrite, "sample")
@@ -223,8 +253,41 @@ def sample_stage(checkpoint: Path, prompts: list[str], out: Path, cfg: Config, o
     latent_shape(pipe, *sample_size(cfg.eval, height, width))  # a size that does not fit is refused before any sampling
     images, captions = generate(pipe, prompts, cfg.eval, device, progress=True,
                                 negative_prompt=negative_prompt, height=height, width=width)
-    save_grid(out, images, ncols=cfg.eval.samples_per_prompt, captions=captions)
-    return {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prompt_grid(images, captions, cfg.eval.samples_per_prompt, references).save(out)
+    summary = {"grid": str(out), "images": len(captions), "source": pipe.source, "guidance": cfg.eval.guidance_scale}
+    return {**summary, "samples": (images, captions)} if keep_images else summary
+
+
+def score_stage(cfg: Config, images, captions: list[str], prompts: list[str]) -> dict:
+    """The demo's scores of sampled ``images`` with the CLIP of ``eval.metrics.clip_weights``:
+    CLIP score, caption retrieval among ``prompts`` and FD-CLIP, each beside its baselines
+    (:func:`ldm_train.eval.clip_metrics.scores_with_baselines`)."""
+    import torch
+
+    from .data.shards import SkipReport, load_images
+    from .eval.clip_metrics import scores_with_baselines
+    from .eval.metrics import load_clip
+    from .utils.images import to_uint8
+
+    weights = cfg.eval.metrics.clip_weights
+    bundle = load_clip(cfg.eval.metrics.clip_model, cfg.path(weights) if weights is not None else None)
+    val, val_captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport())
+    real = [val_captions.index(p) for p in prompts if p in val_captions]
+    train, _, _ = load_images(cfg.shards(cfg.data.train_shards), cfg.data.resolution, SkipReport())
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.eval.seed))[:len(captions)]
+    scores = scores_with_baselines(bundle, (to_uint8(images), captions), prompts,
+                                   (val[real], [val_captions[i] for i in real]), val, train[pick], cfg.eval.seed)
+    scores["clip"] = str(cfg.path(weights))
+    return scores
+
+
+def reference_images(cfg: Config, prompts: list[str]) -> dict:
+    """``{prompt: image in [-1, 1]}`` for the prompts that are validation captions (the grid's "real" column)."""
+    from .data.shards import SkipReport, load_images
+
+    val, captions, _ = load_images(cfg.shards(cfg.data.val_shards), cfg.data.resolution, SkipReport())
+    return {c: val[i].float() / 127.5 - 1 for i, c in enumerate(captions) if c in prompts}
 
 
 def eval_stage(checkpoint: Path, cfg: Config, out_dir: Path, num_samples: int, overwrite: bool, shards: bool = False,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm_train.cli import build_parser, main
 
-COMMANDS = {"data", "train-vae", "encode", "train", "sample", "eval", "export", "demo", "slurm", "convert", "config"}
+COMMANDS = {"data", "train-vae", "train-clip", "encode", "train", "sample", "eval", "export", "demo", "slurm", "convert", "config"}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -149,7 +149,8 @@ def test_sample_from_export_writes_grid(micro_run, tmp_path, capsys):
     with Image.open(grid) as im:
         im.verify()
     with Image.open(grid) as im:
-        assert im.format == "PNG" and im.width == 2 * 128  # samples_per_prompt columns of 128 px
+        # a row per prompt: its label, then samples_per_prompt columns of 96 px (no real image given)
+        assert im.format == "PNG" and im.size == (180 + 2 * 96, 16 + 2 * 96)
     # the same output again needs --overwrite
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -300,9 +300,19 @@ def compute_fid_kid(
 
 
 def load_clip(model_name: str, pretrained_path: str | Path | None):
-    """(model, preprocess, tokenizer) of an open_clip architecture from local weights only."""
+    """(model, preprocess, tokenizer) of an open_clip architecture from local weights only; a folder
+    in open_clip's layout (``open_clip_config.json`` + weights, as ``train-clip`` writes) brings its
+    own architecture, and ``model_name`` is then unused."""
     import open_clip
 
+    if pretrained_path is not None and Path(pretrained_path).is_dir():  # open_clip's folder: its own architecture
+        from ..text.common import TextEncoderError
+        from ..text.open_clip_folder import load_open_clip_folder
+
+        try:
+            return load_open_clip_folder(pretrained_path)
+        except TextEncoderError as e:
+            raise MetricsUnavailable(f"eval.metrics.clip_weights: {e}") from None
     if open_clip.get_model_config(model_name) is None:
         raise MetricsUnavailable(f"eval.metrics.clip_model: {model_name!r} is not an open_clip architecture")
     _require_local(pretrained_path, "CLIP score needs local open_clip weights", "eval.metrics.clip_weights",
@@ -392,7 +402,10 @@ def evaluate_images(
     """Every metric that can be computed here; one that cannot (missing weights, ...) is recorded as
     ``{"fid": None, "kid_mean": None, "kid_std": None, "fid_error": msg}`` /
     ``{"clip_score": None, "clip_error": msg}`` instead of raising, so training never stops on it.
-    FID/KID are skipped (None + error) without ``real_u8``; CLIP score without ``prompts``.
+    FID/KID are skipped (None + error) without ``real_u8``; CLIP score without ``prompts``. With the
+    CLIP come ``caption_retrieval`` (each image's own prompt among the distinct prompts) and
+    ``fd_clip`` (FD on that CLIP's image features against ``real_u8``; not Inception FID), see
+    :mod:`ldm_train.eval.clip_metrics`.
     ``fid_seconds`` / ``clip_seconds``: wall time of each part (the evaluation-cost report).
     Distributed: call it on rank 0 with the images gathered from all ranks."""
     out: dict[str, Any] = {}
@@ -414,7 +427,11 @@ def evaluate_images(
     else:
         start = time.perf_counter()
         try:
-            out.update(clip_score(fake_u8, prompts, clip_model, clip_weights, batch_size=batch_size))
+            bundle = load_clip(clip_model, clip_weights)
+            out.update(clip_score(fake_u8, prompts, clip_model, clip_weights, batch_size=batch_size, model=bundle))
+            from .clip_metrics import clip_report  # caption retrieval and FD-CLIP with the same CLIP
+
+            out.update(clip_report(bundle, fake_u8, prompts, real_u8))
         except MetricsUnavailable as e:
             out.update(clip_score=None, clip_error=str(e))
         out["clip_seconds"] = round(time.perf_counter() - start, 3)

@@ -25,13 +25,16 @@ class ImageMetrics:
     real: torch.Tensor  # uint8 [N, 3, H, W]
     reference_key: dict
     reference_cache: Path
+    clip_weights: str | None = None  # eval.metrics.clip_weights with {run} expanded
 
     @classmethod
     def from_config(cls, cfg: Config) -> ImageMetrics:
         spec = cfg.shards(cfg.data.val_shards)
         real, _, _ = load_images(spec, cfg.data.resolution, SkipReport())
         key = {"dataset": spec, "resolution": cfg.data.resolution, "resize": cfg.eval.metrics.fid_resize}
-        return cls(cfg.eval, real, key, cfg.path(cfg.eval.metrics.fid_reference_dir))
+        weights = cfg.eval.metrics.clip_weights
+        return cls(cfg.eval, real, key, cfg.path(cfg.eval.metrics.fid_reference_dir),
+                   str(cfg.path(weights)) if weights is not None else None)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
         e = self.eval_cfg.metrics
@@ -39,7 +42,7 @@ class ImageMetrics:
             to_uint8(images), self.real, prompts, inception_weights=e.inception_weights, feature=e.fid_feature,
             resize=e.fid_resize, reference_cache=self.reference_cache, reference_key=self.reference_key,
             kid_subset_size=e.kid_subset_size, kid_subsets=e.kid_subsets, clip_model=e.clip_model,
-            clip_weights=e.clip_weights, seed=self.eval_cfg.seed,
+            clip_weights=self.clip_weights, seed=self.eval_cfg.seed,
         )
 
 

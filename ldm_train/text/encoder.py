@@ -11,6 +11,7 @@ tower and a later change of ``text.layer`` is refused rather than silently mixed
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -20,7 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import TextConfig
-from .common import TextEncoderError, clip_skip, kept_layers
+from .common import TextEncoderError, clip_skip, first_line, kept_layers
+from .open_clip_folder import WEIGHTS_FILE as FOLDER_WEIGHTS
+from .open_clip_folder import is_open_clip_folder, read_model_cfg
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -155,7 +158,11 @@ def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
     and save it there."""
     if (folder / CONFIG_FILE).is_file():
         return check_layer(load_text_encoder(folder), cfg, folder)
-    if cfg.model_name is not None:
+    if is_open_clip_folder(cfg.pretrained):  # open_clip's folder layout names its own architecture
+        model_cfg = read_model_cfg(cfg.pretrained)
+        name = "ldm-open-clip-dir-" + hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+        _register(name, model_cfg)
+    elif cfg.model_name is not None:
         name, model_cfg = cfg.model_name, None
         if open_clip.get_model_config(name) is None:
             raise TextEncoderError(f"text.model_name: {name!r} is not an open_clip architecture")
@@ -164,14 +171,21 @@ def prepare_text_encoder(cfg: TextConfig, folder: Path) -> TextEncoder:
         _register(name, model_cfg)
     # a layer deeper than the tower is refused before anything is built or read
     kept_layers(cfg.layer, (model_cfg or open_clip.get_model_config(name))["text_cfg"].get("layers", 12))
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+    weights = str(Path(cfg.pretrained) / FOLDER_WEIGHTS) if is_open_clip_folder(cfg.pretrained) else cfg.pretrained
+    if cfg.pretrained is not None and not Path(weights).is_file():
         raise TextEncoderError(
             f"text.pretrained: {cfg.pretrained} not found. This machine cannot download weights; "
-            "provide a local open_clip checkpoint file (.safetensors or .pt) and set text.pretrained to it"
+            "run `ldm-train train-clip` (it writes the open_clip folder clip.dir), or provide a local open_clip "
+            "checkpoint file (.safetensors or .pt) or folder and set text.pretrained to it (null: a random tower)"
         )
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        clip = open_clip.create_model(name, pretrained=cfg.pretrained)
+        try:
+            clip = open_clip.create_model(name, pretrained=weights)
+        except Exception as e:  # a truncated file or another architecture's weights: name the file
+            if weights is None:
+                raise
+            raise TextEncoderError(f"text.pretrained: cannot load {weights} into {name}: {first_line(e)}") from None
     tokenizer, total = open_clip.get_tokenizer(name), len(clip.transformer.resblocks)
     name, model_cfg = _cut(clip, name, model_cfg, cfg.layer)
     encoder = TextEncoder(clip, tokenizer, name, model_cfg, cfg.layer, total)

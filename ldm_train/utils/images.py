@@ -78,3 +78,31 @@ def plot_losses(path: Path, curves: dict[str, list[tuple[int, float]]]) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def prompt_grid(images: torch.Tensor, captions: list[str], per_prompt: int,
+                references: dict[str, torch.Tensor] | None = None, cell: int = 96, label_w: int = 180) -> Image.Image:
+    """One row per prompt, the prompt written at the left, so prompts compare at a glance: then,
+    with ``references``, the real image of that prompt (a blank where there is none), then its
+    ``per_prompt`` samples. ``images`` are grouped by prompt (as ``generate`` returns them)."""
+    font = ImageFont.load_default()
+    rows = len(captions) // per_prompt
+    extra = 1 if references is not None else 0
+    head = 16
+    grid = Image.new("RGB", (label_w + (extra + per_prompt) * cell, head + rows * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    titles = (["real"] if extra else []) + [f"sample {j + 1}" for j in range(per_prompt)]
+    for j, title in enumerate(titles):
+        draw.text((label_w + j * cell + 4, 2), title, fill="black", font=font)
+    for r in range(rows):
+        y = head + r * cell
+        prompt = captions[r * per_prompt]
+        for k, line in enumerate(textwrap.wrap(prompt, max(8, label_w // 7))[: cell // 13]):
+            draw.text((4, y + 4 + k * 13), line, fill="black", font=font)
+        if extra and prompt in references:
+            grid.paste(to_pil(references[prompt]).resize((cell, cell), Image.NEAREST), (label_w, y))
+        for j in range(per_prompt):
+            grid.paste(to_pil(images[r * per_prompt + j]).resize((cell, cell), Image.NEAREST),
+                       (label_w + (extra + j) * cell, y))
+        draw.line([(0, y), (grid.width, y)], fill=(200, 200, 200))
+    return grid

@@ -53,6 +53,7 @@ RESUMABLE = (
 # change freely; slurm.*, eval.*, export.* pin nothing. Dotted prefixes of ``section.key``.
 STAGE_PINS = {
     "train-vae": ("data", "autoencoder", "run.seed"),
+    "train-clip": ("data", "clip", "run.seed"),
     "encode": ("pretrained", "data", "autoencoder", "text", "latents"),  # + run.seed with latents.store: sample
     "train": ("pretrained", "model", "diffusion", "train", "distributed", "latents.loader", "run.seed"),
 }

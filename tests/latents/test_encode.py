@@ -27,7 +27,7 @@ def models(tmp_path_factory):
     vae = build_vae(AutoencoderConfig(block_out_channels=[8, 16], norm_num_groups=4)).eval()
     vae.register_to_config(scaling_factor=0.7)
     text = prepare_text_encoder(
-        TextConfig(width=32, layers=1, heads=2, context_length=16), tmp_path_factory.mktemp("text") / "t"
+        TextConfig(width=32, layers=1, heads=2, context_length=16, pretrained=None), tmp_path_factory.mktemp("text") / "t"
     )
     return vae, text
 

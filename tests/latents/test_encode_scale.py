@@ -33,7 +33,7 @@ def models(tmp_path_factory):
 def prepare_text(folder):
     from ldm_train.text.encoder import prepare_text_encoder
 
-    return prepare_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=16), folder)
+    return prepare_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=16, pretrained=None), folder)
 
 
 @pytest.fixture(scope="module")

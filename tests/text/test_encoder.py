@@ -19,7 +19,7 @@ CAPTIONS = ["red heart", "grinning face with big eyes", "fire"]
 
 
 def tiny(**kw) -> TextConfig:
-    return TextConfig(**{"width": 32, "layers": 1, "heads": 2, "context_length": 16, "seed": 1234, **kw})
+    return TextConfig(**{"width": 32, "layers": 1, "heads": 2, "context_length": 16, "seed": 1234, "pretrained": None, **kw})
 
 
 def weights(encoder) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ def test_tokens_then_encode_tokens_equals_forward(sd2, tmp_path):
 
 def open_clip_cfg(layer) -> TextConfig:
     # ViT-H-14's text tower scaled down: gelu, 77 positions, pad zeros (open_clip's tokenizer)
-    return TextConfig(width=WIDTH, layers=LAYERS, heads=2, context_length=77, seed=7, layer=layer)
+    return TextConfig(width=WIDTH, layers=LAYERS, heads=2, context_length=77, seed=7, layer=layer, pretrained=None)
 
 
 def sd2_text_encoder(full, folder) -> CLIPTextModel:

@@ -17,7 +17,7 @@ from ldm_train.utils.hashing import tensor_hash
 
 from test_sd_layouts import CAPTIONS, clip_text_model, hf_cfg
 
-OPEN_CLIP = dict(width=32, layers=3, heads=2, context_length=16, seed=3)
+OPEN_CLIP = dict(width=32, layers=3, heads=2, context_length=16, seed=3, pretrained=None)  # the random tower
 
 
 @pytest.fixture(scope="module")
