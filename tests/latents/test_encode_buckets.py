@@ -29,7 +29,7 @@ COUNTS = {"64x128": 2, "80x112": 3, "96x96": 4, "112x80": 4, "128x64": 3}  # see
 def models(tmp_path_factory):
     torch.manual_seed(0)
     vae = build_vae(AutoencoderConfig(block_out_channels=[8, 16], norm_num_groups=4)).eval()  # factor 2
-    text = prepare_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=16),
+    text = prepare_text_encoder(TextConfig(width=32, layers=1, heads=2, context_length=16, pretrained=None),
                                 tmp_path_factory.mktemp("text") / "t")
     return vae, text
 
