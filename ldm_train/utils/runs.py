@@ -45,6 +45,7 @@ def prepare_output(path: Path, overwrite: bool, what: str) -> Path:
 RESUMABLE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "train.milestones", "train.watchdog_seconds", "latents.loader", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
+    "train.async_save", "train.verify_checkpoints",
 )
 
 
