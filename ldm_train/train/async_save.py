@@ -83,6 +83,7 @@ class SaveJob:
     optimizer: dict | None = None
     state: dict | None = None
     written: list[Path] = field(default_factory=list)
+    failed: str | None = None  # the synchronous part's OSError (DeepSpeed's files), in words
 
     @property
     def tmp(self) -> Path:
@@ -129,9 +130,9 @@ def _failures(reports: list) -> list[str]:
 
 def commit(job: SaveJob, comm: Comm) -> Path:
     """Write, digest, agree, publish (see the module doc); every rank returns the published folder."""
-    files, error = {}, None
+    files, error = {}, job.failed
     try:
-        files = job.write()
+        files = job.write() if error is None else {}
     except OSError as e:
         error = ck.write_failure(e)
     reports = comm.exchange((files, error))

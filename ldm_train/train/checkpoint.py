@@ -41,8 +41,10 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,6 +75,26 @@ _EMA_FILE = re.compile(r"ema-(\d{5})-of-(\d{5})\.safetensors")
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+@contextmanager
+def writing(path: Path):
+    """Make a failed write of ``path`` an ``OSError`` naming it: safetensors reports a full disk as
+    ``SafetensorError("... (os error 28)")``, torch.save as a RuntimeError whose context is the OSError."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        code = cause.errno if cause is not None else None
+        found = re.search(r"os error (\d+)", str(e))
+        code = code or (int(found.group(1)) if found else None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def file_digest(path: Path) -> dict:
@@ -162,7 +184,8 @@ def save_ema(folder: Path, ema: EMA, rank: int) -> None:
         return
     meta = {"decays": json.dumps(ema.decays), "shapes": json.dumps(ema.layout.shapes), "num_updates": str(ema.num_updates)}
     name = f"ema-{ema.layout.rank:05d}-of-{ema.layout.world:05d}.safetensors"
-    save_file(_cpu(ema.state_dict()), str(folder / name), metadata=meta)
+    with writing(folder / name):
+        save_file(_cpu(ema.state_dict()), str(folder / name), metadata=meta)
 
 
 def ema_files(ckpt: Path) -> list[Path]:
@@ -201,7 +224,9 @@ def consolidated_ema(ckpt: Path, decay: float | None = None) -> dict[str, torch.
 
 
 def write_rank_state(folder: Path, rank: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    save_file(_cpu(tensors), str(folder / f"rank-{rank:05d}.safetensors"), metadata={"state": json.dumps(meta)})
+    path = folder / f"rank-{rank:05d}.safetensors"
+    with writing(path):
+        save_file(_cpu(tensors), str(path), metadata={"state": json.dumps(meta)})
 
 
 def read_rank_state(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -241,15 +266,19 @@ def discard_save(ckpt_root: Path, step: int) -> None:
 
 
 def save_optimizer(folder: Path, state: dict) -> None:
-    torch.save(state, folder / "optimizer.pt")
+    path = folder / "optimizer.pt"
+    with writing(path), open(path, "wb") as f:  # through a Python file: a full disk raises its OSError
+        torch.save(state, f)
 
 
 def save_model_weights(folder: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file(_cpu(weights), str(folder / "model.safetensors"), metadata=metadata)
+    with writing(folder / "model.safetensors"):
+        save_file(_cpu(weights), str(folder / "model.safetensors"), metadata=metadata)
 
 
 def save_json(folder: Path, name: str, state: dict) -> None:
-    (folder / name).write_text(json.dumps(state, indent=2))
+    with writing(folder / name):
+        (folder / name).write_text(json.dumps(state, indent=2))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -68,16 +68,20 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
     tmp = ck.step_dir(ckpt_root, step, tmp=True)
     deepspeed = is_deepspeed(acc)
     adapter = has_adapter(acc.unwrap_model(parts.model))
-    written = []
+    written, failed = [], None
     if deepspeed:  # every rank writes its partition; a LoRA's frozen base is rebuilt on resume, not saved
-        parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
+        try:
+            with ck.writing(tmp / "deepspeed"):
+                parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
+        except OSError as e:  # a full disk: the commit tells every rank, and removes the partial save
+            failed = ck.write_failure(e)
         acc.wait_for_everyone()  # all of DeepSpeed's files are there: each rank digests its own
-        written = ck.owned_files(tmp, acc.process_index, acc.num_processes, under="deepspeed")
+        written = [] if failed else ck.owned_files(tmp, acc.process_index, acc.num_processes, under="deepspeed")
     weights = acc.get_state_dict(parts.model)  # a collective under ZeRO-3 (gathered to rank 0)
     copy = writer.asynchronous  # the writer's tensors must not change while training goes on
     tensors, meta = _rank_tensors(parts)
     job = SaveJob(ckpt_root, step, keep_last, milestones, acc.process_index, acc.num_processes,
-                  frozen_ema(parts.ema, copy), host_copy(tensors, copy), host_copy(meta, copy), written=written)
+                  frozen_ema(parts.ema, copy), host_copy(tensors, copy), host_copy(meta, copy), written=written, failed=failed)
     if acc.is_main_process:
         job.weights = host_copy(select_adapter(weights) if adapter else weights, copy)
         job.weights_metadata = adapter_metadata(acc.unwrap_model(parts.model)) if adapter else None

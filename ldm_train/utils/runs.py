@@ -89,6 +89,19 @@ def _diff(old: dict, new: dict, pins: tuple[str, ...] | None, skip: tuple[str, .
     return [d for d in diff if _pinned(d, pins, skip)]
 
 
+def _was_now(key: str, old: dict, new: dict) -> str:
+    """``distributed.strategy (ddp there, zero3 now)`` for a short scalar value; else the key."""
+    was, now = (_dotted(d, key) for d in (old, new))
+    scalar = all(v is None or isinstance(v, (str, int, float, bool)) and len(str(v)) <= 40 for v in (was, now))
+    return f"{key} ({was} there, {now} now)" if scalar else key
+
+
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def stage_pins(stage: str, cfg: Config) -> tuple[str, ...]:
     seeded = stage == "encode" and cfg.latents.store == "sample"  # run.seed seeds the fixed draw
     return STAGE_PINS[stage] + (("run.seed",) if seeded else ())
@@ -148,10 +161,12 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
         check_latent_cache(cfg)
     if record is not None and record.is_file() and not overwrite:
         pins = None if stage is None else stage_pins(stage, cfg)
-        diff = _diff(_read_record(record), cfg.model_dump(), pins, may_differ + NOT_PINNED.get(stage, ()))
+        old, new = _read_record(record), cfg.model_dump()
+        diff = _diff(old, new, pins, may_differ + NOT_PINNED.get(stage, ()))
         if diff:
+            said = ", ".join(_was_now(d, old, new) for d in diff[:6])
             raise OutputExistsError(
-                f"{record} holds a different {stage + ' ' if stage else ''}run (differs in {', '.join(diff[:6])}); "
+                f"{record} holds a different {stage + ' ' if stage else ''}run (differs in {said}); "
                 "pass --overwrite to replace it, or set run.dir to a new folder"
             )
     if write:
