@@ -530,6 +530,11 @@ class TrainConfig(Section):
         "memory", description="memory (random batches of the split held in memory) or stream (the latent shards)")
     keep_checkpoints: int = Field(3, gt=0, description="keep the last K checkpoints; milestones are kept on top")
     milestones: list[int] = Field([], description="steps whose checkpoints are never deleted")
+    # The loop copies a checkpoint to host memory and a writer thread writes it while training goes
+    # on (DeepSpeed's own partitioned files stay synchronous); see ldm_train/train/async_save.py.
+    async_save: bool = Field(True, description="write checkpoints on a background thread from a host copy")
+    verify_checkpoints: bool = Field(
+        True, description="check every checkpoint file's sha256 before resuming; false = sizes only")
     max_nonfinite_steps: int = Field(5, gt=0, description="K non-finite losses/gradients in a row stop the run")
     watchdog_seconds: float = Field(600.0, ge=0, description="report a rank whose step takes longer; 0 = off")
     # The ranks agree on a preemption signal by one all-reduce, which makes the host wait for the

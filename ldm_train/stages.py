@@ -151,7 +151,7 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
     starts over). Every rank runs this; rank 0 writes the config and ``status.json``."""
     from .eval.periodic import periodic_eval
     from .train.batches import training_batches
-    from .train.checkpoint import checkpoint_step, latest_checkpoint, latest_step
+    from .train.checkpoint import checkpoint_step, latest_step, resume_checkpoint
     from .train.control import write_status
     from .train.loop import make_accelerator, train_denoiser
     from .utils.images import plot_losses
@@ -159,7 +159,7 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
 
     run = cfg.path("{run}")
     ckpts = run / "checkpoints"
-    resume = None if overwrite else latest_checkpoint(ckpts)
+    resume = None if overwrite else resume_checkpoint(ckpts, cfg.train.verify_checkpoints)  # damaged: the one before
     # every rank checks: the latent cache against the config; a resume, the training keys but RESUMABLE ones
     # (a first train, with nothing to resume, may set any training key)
     record_config(cfg, resume is None, RESUMABLE, write=False, stage="train")

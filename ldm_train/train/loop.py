@@ -32,6 +32,7 @@ from .ema import EMA, Layout, local_chunks, param_shapes
 from .lora import (TEXT_PREFIX, UNET_PREFIX, add_adapter, base_unet, conditioned, load_adapter, read_adapter_file,
                    read_text_adapter_file, split_parts, trainable_parameters)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer
+from .async_save import CheckpointWriter
 from .resume import TrainParts, restore_training_state, save_training_state
 from .strategy import any_rank_true, all_ranks_true, gather_chunks, is_deepspeed, make_accelerator, zero_stage
 from .telemetry import Telemetry, Writers, forward_flops, memory_gib, peak_flops
@@ -211,6 +212,7 @@ def train_denoiser(
     tel = Telemetry(log, writers, bar, train.batch_size, flops, peak)
     signals, guard = SignalFlag(), NonFiniteGuard(train.max_nonfinite_steps)
     watchdog = Watchdog(train.watchdog_seconds, accelerator.process_index)
+    writer = CheckpointWriter(accelerator.num_processes, train.async_save)  # every rank, here (a gloo group)
     guard.total = parts.counters.nonfinite_skipped
     extra = {"strategy": distributed.strategy, "seed": seed}
     t0, losses, ckpt = time.time(), [], None
@@ -243,6 +245,7 @@ def train_denoiser(
         while parts.counters.step < total:
             step = parts.counters.step
             watchdog.beat(step)
+            writer.poll()  # a background save that failed stops the run here
             t_step = time.perf_counter()
             done, ema_due = step + 1, (step + 1) % train.ema_every == 0
             if is_deepspeed(accelerator):
@@ -268,12 +271,19 @@ def train_denoiser(
             if log_due:
                 losses.append((step, _log(parts, tel, last_norm[0])))
             if save:
-                ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra)
+                ckpt = save_training_state(parts, run_dir / "checkpoints", train.keep_checkpoints, train.milestones, extra,
+                                           writer)
+                if stop or done == total:
+                    writer.wait()  # the final (or preemption) checkpoint is published before the run ends
             if evaluate:
                 eval_fn(done, ema_model(model, parts, device, train=train, seed=seed, text=text), writers)  # every rank: sampling is split
             if stop and done < total:
                 raise Preempted(f"stopped by signal {signals.received[0]} after step {done}; checkpoint {ckpt}")
         settle()
+        writer.close()
+    except BaseException:
+        writer.close(raise_errors=False)  # the run's own error is the one to see
+        raise
     finally:
         tel.close()
         signals.close()

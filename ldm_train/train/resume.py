@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from ..errors import UserError
 from . import checkpoint as ck
 from . import reshard
+from .async_save import CheckpointWriter, SaveJob, frozen_ema, host_copy
 from .ema import EMA
 from .lora import has_adapter, load_adapter, rank_alpha, select_adapter
 from .strategy import is_deepspeed
@@ -60,41 +61,46 @@ def _rank_tensors(parts: TrainParts) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"data": meta}
 
 
-def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, milestones: list[int], extra: dict) -> Path:
-    """Every rank calls this; returns the published ``step-N`` folder."""
+def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, milestones: list[int], extra: dict,
+                        writer: CheckpointWriter | None = None) -> Path:
+    """Every rank calls this; returns the ``step-N`` folder, published on return unless ``writer``
+    is asynchronous (then once ``writer.wait()`` returns; see async_save.py)."""
     acc, step = parts.accelerator, parts.counters.step
+    writer = writer or CheckpointWriter(acc.num_processes, asynchronous=False)
+    writer.wait()  # the previous save is published before this one starts
     if acc.is_main_process:
         ck.begin_save(ckpt_root, step)
     acc.wait_for_everyone()
     tmp = ck.step_dir(ckpt_root, step, tmp=True)
     deepspeed = is_deepspeed(acc)
     adapter = has_adapter(acc.unwrap_model(parts.model))
+    written, failed = [], None
     if deepspeed:  # every rank writes its partition; a LoRA's frozen base is rebuilt on resume, not saved
-        parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
+        try:
+            with ck.writing(tmp / "deepspeed"):
+                parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
+        except OSError as e:  # a full disk: the commit tells every rank, and removes the partial save
+            failed = ck.write_failure(e)
+        acc.wait_for_everyone()  # all of DeepSpeed's files are there: each rank digests its own
+        written = [] if failed else ck.owned_files(tmp, acc.process_index, acc.num_processes, under="deepspeed")
     weights = acc.get_state_dict(parts.model)  # a collective under ZeRO-3 (gathered to rank 0)
+    copy = writer.asynchronous  # the writer's tensors must not change while training goes on
+    tensors, meta = _rank_tensors(parts)
+    job = SaveJob(ckpt_root, step, keep_last, milestones, acc.process_index, acc.num_processes,
+                  frozen_ema(parts.ema, copy), host_copy(tensors, copy), host_copy(meta, copy), written=written, failed=failed)
     if acc.is_main_process:
-        if adapter:
-            ck.save_model_weights(tmp, select_adapter(weights), adapter_metadata(acc.unwrap_model(parts.model)))
-        else:
-            ck.save_model_weights(tmp, weights)
+        job.weights = host_copy(select_adapter(weights) if adapter else weights, copy)
+        job.weights_metadata = adapter_metadata(acc.unwrap_model(parts.model)) if adapter else None
         if not deepspeed:
-            torch.save(parts.optimizer.state_dict(), tmp / "optimizer.pt")
+            job.optimizer = host_copy(parts.optimizer.state_dict(), copy)
         state = dict(asdict(parts.counters), world_size=acc.num_processes, lora=adapter, **extra)
         state["ema"] = {"decays": parts.ema.decays, "num_updates": parts.ema.num_updates, "world": parts.ema.layout.world}
         state["lr_scheduler"] = parts.scheduler.state_dict()
         if not deepspeed:
             if acc.scaler is not None:
                 state["grad_scaler"] = acc.scaler.state_dict()
-        ck.save_json(tmp, "state.json", state)
-    ck.save_ema(tmp, parts.ema, acc.process_index)
-    tensors, meta = _rank_tensors(parts)
-    ck.write_rank_state(tmp, acc.process_index, tensors, meta)
-    acc.wait_for_everyone()
-    final = ck.step_dir(ckpt_root, step)
-    if acc.is_main_process:
-        ck.finish_save(ckpt_root, step, keep_last, milestones)
-    acc.wait_for_everyone()
-    return final
+        job.state = host_copy(state, copy)
+    return writer.submit(job)
 
 
 def adapter_metadata(module: torch.nn.Module) -> dict[str, str]:
@@ -184,6 +190,7 @@ def _restore_rank(parts: TrainParts, ckpt: Path, state: dict) -> None:
 def restore_training_state(parts: TrainParts, ckpt: Path, strategy: str) -> None:
     """Load ``ckpt`` into ``parts`` (every rank calls this), converting a checkpoint of another
     world size (reshard.py)."""
+    ck.verify_checkpoint(ckpt, contents=False)  # every file there, at its size (digests: when it was picked)
     state = check_compatible(ckpt, parts, strategy)
     adapter = has_adapter(parts.accelerator.unwrap_model(parts.model))
     if adapter != state.get("lora", False):

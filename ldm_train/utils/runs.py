@@ -45,6 +45,7 @@ def prepare_output(path: Path, overwrite: bool, what: str) -> Path:
 RESUMABLE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.eval_every", "train.keep_checkpoints",
     "train.milestones", "train.watchdog_seconds", "latents.loader", "train.tensorboard", "train.wandb_project", "train.max_nonfinite_steps",
+    "train.async_save", "train.verify_checkpoints",
 )
 
 
@@ -87,6 +88,19 @@ def _diff(old: dict, new: dict, pins: tuple[str, ...] | None, skip: tuple[str, .
     if pins is None:  # slurm.* says how a run is submitted, not what it computes: it may change between jobs
         return [d for d in diff if d not in skip and not d.startswith("slurm.")]
     return [d for d in diff if _pinned(d, pins, skip)]
+
+
+def _was_now(key: str, old: dict, new: dict) -> str:
+    """``distributed.strategy (ddp there, zero3 now)`` for a short scalar value; else the key."""
+    was, now = (_dotted(d, key) for d in (old, new))
+    scalar = all(v is None or isinstance(v, (str, int, float, bool)) and len(str(v)) <= 40 for v in (was, now))
+    return f"{key} ({was} there, {now} now)" if scalar else key
+
+
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def stage_pins(stage: str, cfg: Config) -> tuple[str, ...]:
@@ -152,10 +166,12 @@ def record_config(cfg: Config, overwrite: bool, may_differ: tuple[str, ...] = ()
         check_latent_cache(cfg)
     if record is not None and record.is_file() and not overwrite:
         pins = None if stage is None else stage_pins(stage, cfg)
-        diff = _diff(_read_record(record), cfg.model_dump(), pins, may_differ + NOT_PINNED.get(stage, ()))
+        old, new = _read_record(record), cfg.model_dump()
+        diff = _diff(old, new, pins, may_differ + NOT_PINNED.get(stage, ()))
         if diff:
+            said = ", ".join(_was_now(d, old, new) for d in diff[:6])
             raise OutputExistsError(
-                f"{record} holds a different {stage + ' ' if stage else ''}run (differs in {', '.join(diff[:6])}); "
+                f"{record} holds a different {stage + ' ' if stage else ''}run (differs in {said}); "
                 "pass --overwrite to replace it, or set run.dir to a new folder"
             )
     if write:
