@@ -16,7 +16,8 @@ fi
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 export SLURM_CONF="$dir/slurm.conf"
-timeout_s="${SLURM_LOCAL_TIMEOUT:-30}"
+timeout_s="${SLURM_LOCAL_TIMEOUT:-120}"  # a ceiling for a hung daemon, not an estimate
+cred_expire="${SLURM_LOCAL_CRED_EXPIRE:-20}"  # the requeue hold is this + 1 s
 
 # Poll a command until it succeeds or the deadline passes (no fixed sleeps).
 wait_for() {
@@ -50,7 +51,12 @@ SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+# cred_expire (default 120 s) is also how long Slurm holds a requeued job (EligibleTime = the
+# requeue + cred_expire + 1 s); a short one keeps the tests' requeues quick. A launch must use its
+# credential within that time: local launches take well under a second.
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=$cred_expire
+# A job whose hold has passed starts at the next scheduling pass: make that every second.
+SchedulerParameters=bf_interval=1,sched_interval=2
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -17,14 +17,14 @@ def slurm_cluster(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("slurm")
-    proc = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(folder)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(folder)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"local Slurm did not start:\n{proc.stdout}\n{proc.stderr}"
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
     try:
         yield folder
     finally:
-        subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(folder)], capture_output=True, text=True, timeout=120)
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(folder)], capture_output=True, text=True, timeout=300)
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:

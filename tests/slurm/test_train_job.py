@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .slurm_helpers import REPO, ended, events, full_log, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
+from .slurm_helpers import (
+    JOB_CEILING, REPO, ended, events, full_log, job_field, job_log, last_step, read_json, requeue_ceiling, signal_batch,
+    submit, wait_job,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 MICRO = REPO / "configs" / "micro.yaml"
@@ -41,14 +44,15 @@ def test_preempted_training_job_resumes_to_the_uninterrupted_weights(micro_run, 
     ref_run, ref_job = submit_train(micro_run, tmp_path, capsys, "reference")
 
     # Signal as soon as training has logged a step (its signal handlers are installed by then).
-    wait_until(lambda: last_step(run) is not None, 300, "the first logged training step")
+    wait_job(job, run, lambda: last_step(run) is not None, JOB_CEILING, "the first logged training step")
     signal_batch(job)
-    wait_until(lambda: (read_json(run / "status.json") or {}).get("state") == "preempted", 120, "the preempted status")
+    wait_job(job, run, lambda: (read_json(run / "status.json") or {}).get("state") == "preempted", JOB_CEILING,
+             "the preempted status")
     preempted_at = read_json(run / "status.json")["step"]
     assert 0 < preempted_at < STEPS, "the signal must land mid-run"
 
-    assert wait_until(lambda: ended(job), 300, "the requeued job to finish") == "COMPLETED", job_log(run, job)
-    assert wait_until(lambda: ended(ref_job), 300, "the reference job to finish") == "COMPLETED", job_log(ref_run, ref_job)
+    assert wait_job(job, run, lambda: ended(job), requeue_ceiling(), "the requeued job to finish") == "COMPLETED", job_log(run, job)
+    assert wait_job(ref_job, ref_run, lambda: ended(ref_job), JOB_CEILING, "the reference job to finish") == "COMPLETED", job_log(ref_run, ref_job)
     kinds = [(e["event"], e.get("restart")) for e in events(run)]
     assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run, job)
     assert events(run)[-1]["state"] == "finished" and job_field(job, "Restarts") == "1"
@@ -70,7 +74,7 @@ def test_eval_stage_runs_as_a_two_rank_job(micro_run, slurm_cluster, tmp_path, c
         capsys, "--stage", "eval", "--config", str(MICRO), f"run.dir={run}", "distributed.cpu=true",
         "slurm.cpu_processes_per_node=2", "--args", "--num-samples 4 --steps 2",
     )
-    assert wait_until(lambda: ended(job), 300, "the eval job to end") == "COMPLETED", job_log(run, job)
+    assert wait_job(job, run, lambda: ended(job), JOB_CEILING, "the eval job to end") == "COMPLETED", job_log(run, job)
     report = read_json(run / "eval" / "report.json")
     assert report is not None and len(list((run / "eval" / "images").glob("*.png"))) == 4
     assert [e["event"] for e in events(run)] == ["submit", "start", "end"]
