@@ -62,11 +62,19 @@ def job_fields(job_id: int) -> str:
 
 
 def wait_job(job_id: int, run: Path, predicate, ceiling: float, describe: str):
-    """``poll_until`` for a job: on timeout it reports Slurm's fields and the run's job events."""
+    """``poll_until`` for a job; fails at once when the job has ended without ``predicate``
+    holding (no point in waiting out the ceiling). Either way it reports Slurm's fields, the run's
+    job records, its status.json and the job log's tail."""
     def observe() -> str:
-        return f"{job_fields(job_id)}; events {[e['event'] for e in events(run)]}; status.json {read_json(run / 'status.json')}"
+        return f"{job_fields(job_id)}; status.json {read_json(run / 'status.json')}\n{job_log(run)}"
 
-    return poll_until(predicate, ceiling, f"{describe} (job {job_id})", observe=observe)
+    def check():
+        value = predicate()
+        if not value and ended(job_id) is not None and not predicate():
+            raise AssertionError(f"job {job_id} ended before {describe}: {observe()}")
+        return value
+
+    return poll_until(check, ceiling, f"{describe} (job {job_id})", observe=observe)
 
 
 def job_field(job_id: int, key: str) -> str | None:
