@@ -20,7 +20,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 installed fonts-noto-color-emoji || apt_packages+=(fonts-noto-color-emoji)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 if [ "$mode" = test ]; then
-  for pkg in slurmctld slurmd slurm-client munge; do  # the tests' local Slurm (launch/slurm_local.sh)
+  # the tests' local Slurm (launch/slurm_local.sh); iproute2: its two-host mode (network namespaces)
+  for pkg in slurmctld slurmd slurm-client munge iproute2; do
     installed "$pkg" || apt_packages+=("$pkg")
   done
 fi

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import MICRO, synthetic_samples
+from waiting import poll_until
 
 from ldm_train import stages
 from ldm_train.autoencoder.vae import build_vae
@@ -69,12 +69,12 @@ def test_kill_and_resume_gives_the_uninterrupted_result(setup, tmp_path):
     done = run_dir / "latents" / "train" / "encode_progress" / "done"
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        deadline = time.monotonic() + 300
         # wait for an observable event (the first finished input shard), then kill -9 at once
-        while not (done.is_dir() and any(done.iterdir())):
+        def shard_done() -> bool:
             assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-            assert time.monotonic() < deadline, "encode never finished an input shard"
-            time.sleep(0.01)
+            return done.is_dir() and any(done.iterdir())
+
+        poll_until(shard_done, 300, "encode to finish an input shard", interval=0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL

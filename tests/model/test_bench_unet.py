@@ -46,7 +46,7 @@ def test_bench_unet_tiny_cpu(tmp_path):
 
 
 def test_bench_unet_help():
-    proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--channels-last" in proc.stdout and "--grad-ckpt" in proc.stdout
 
@@ -71,6 +71,6 @@ def test_bench_unet_takes_a_config_file(tmp_path):
 
 
 def test_bench_unet_refuses_an_unknown_config():
-    proc = subprocess.run([sys.executable, str(BENCH), "--config", "sd99"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(BENCH), "--config", "sd99"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "neither a preset (tiny, small, sd15, sdxl-tiny, sdxl) nor a config file" in proc.stderr

@@ -1,12 +1,15 @@
-"""Helpers of the Slurm tests: polling with a deadline, job states, the run folder's records."""
+"""Helpers of the Slurm tests: waiting for a job's state (``waiting.poll_until`` with Slurm's view
+of the job as what was seen), job states, the run folder's records."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
-import time
+from functools import lru_cache
 from pathlib import Path
+
+from waiting import poll_until
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -26,20 +29,56 @@ def unavailable() -> str | None:
     return None
 
 
-def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
-    """Poll ``condition()`` until it returns something truthy (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
+# How long a job of these tests may take to run once started, and how long a requeued one may
+# take on top of Slurm's hold: ceilings for a hung job on a slow shared machine, not estimates.
+JOB_CEILING = 300.0
+SEEN = ("JobState", "Reason", "Restarts", "EligibleTime", "StartTime", "NodeList")
+
+
+@lru_cache(maxsize=None)
+def requeue_hold(conf: str | None = None) -> float:
+    """Seconds Slurm holds a requeued job: its credential lifetime (AuthInfo cred_expire, default
+    120 s) + 1 s, counted from the job's end (``launch/slurm_local.sh`` sets a short one)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=120).stdout
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "AuthInfo":
+            for option in value.strip().split(","):
+                name, _, seconds = option.partition("=")
+                if name == "cred_expire":
+                    return float(seconds) + 1
+    return 121.0
+
+
+def requeue_ceiling() -> float:
+    return requeue_hold(os.environ.get("SLURM_CONF")) + JOB_CEILING
+
+
+def job_fields(job_id: int) -> str:
+    """Slurm's view of the job in a line (the fields that say why it is not running)."""
+    proc = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], capture_output=True, text=True, timeout=120)
+    fields = dict(t.partition("=")[::2] for t in proc.stdout.split())
+    return " ".join(f"{k}={fields[k]}" for k in SEEN if k in fields) or (proc.stderr.strip() or "no such job")
+
+
+def wait_job(job_id: int, run: Path, predicate, ceiling: float, describe: str):
+    """``poll_until`` for a job; fails at once when the job has ended without ``predicate``
+    holding (no point in waiting out the ceiling). Either way it reports Slurm's fields, the run's
+    job records, its status.json and the job log's tail."""
+    def observe() -> str:
+        return f"{job_fields(job_id)}; status.json {read_json(run / 'status.json')}\n{job_log(run)}"
+
+    def check():
+        value = predicate()
+        if not value and ended(job_id) is not None and not predicate():
+            raise AssertionError(f"job {job_id} ended before {describe}: {observe()}")
+        return value
+
+    return poll_until(check, ceiling, f"{describe} (job {job_id})", observe=observe)
 
 
 def job_field(job_id: int, key: str) -> str | None:
-    proc = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], capture_output=True, text=True)
+    proc = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], capture_output=True, text=True, timeout=120)
     for token in proc.stdout.split():
         k, _, v = token.partition("=")
         if k == key:
@@ -76,7 +115,7 @@ def last_step(run: Path) -> int | None:
 
 def signal_batch(job_id: int) -> None:
     """What Slurm does ``--signal`` seconds before the time limit: USR1 to the batch shell."""
-    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True, timeout=120)
 
 
 def submit(capsys, *argv: str) -> int:
@@ -96,7 +135,7 @@ def full_log(run: Path) -> str:
 
 def job_log(run: Path, job_id: int | None = None) -> str:
     """For assertion messages: Slurm's view of the job, the run's job records and the job log."""
-    info = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout if job_id else ""
+    info = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=120).stdout if job_id else ""
     records = (run / "slurm" / "jobs.jsonl").read_text() if (run / "slurm" / "jobs.jsonl").is_file() else ""
     logs = "\n".join(p.read_text()[-4000:] for p in sorted((run / "slurm").glob("*.out")))
     return f"{info}\n{records}\n{logs}"

@@ -9,7 +9,10 @@ import signal
 
 import pytest
 import yaml
-from .slurm_helpers import HERE, LOCAL_NODE, ended, events, full_log, job_field, job_log, last_step, read_json, signal_batch, submit, wait_until
+from .slurm_helpers import (
+    HERE, JOB_CEILING, LOCAL_NODE, ended, events, full_log, job_field, job_log, last_step, read_json, requeue_ceiling,
+    signal_batch, submit, wait_job,
+)
 
 from ldm_train.cli import main
 
@@ -45,17 +48,19 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
     job = submit(capsys, "--config", str(cfg))
 
     # The reference runs through without a signal: finished, never requeued.
-    assert wait_until(lambda: ended(ref_job), 120, "the reference job to end") == "COMPLETED", job_log(ref_run, ref_job)
+    assert wait_job(ref_job, ref_run, lambda: ended(ref_job), JOB_CEILING, "the reference job to end") == "COMPLETED", job_log(ref_run, ref_job)
     assert [e["event"] for e in events(ref_run)] == ["submit", "start", "end"]
     assert events(ref_run)[-1]["state"] == "finished"
 
     # The other run holds at step 5 (its first start only) until the warning signal comes.
-    wait_until(lambda: last_step(run) == 4, 120, "the run to reach step 4")
+    wait_job(job, run, lambda: last_step(run) == 4, JOB_CEILING, "the run to reach step 4")
     assert main(["slurm", "submit", "--config", str(cfg), *LOCAL_NODE]) == 2  # one job per run folder
     assert "already has Slurm job" in capsys.readouterr().err
     signal_batch(job)
-    wait_until(lambda: (read_json(run / "status.json") or {}).get("state") == "finished", 120, "the requeued job to finish")
-    assert wait_until(lambda: ended(job), 60, "the job to end") == "COMPLETED", job_log(run, job)
+    # Slurm holds the requeued job for its credential lifetime (requeue_hold) after it ended.
+    wait_job(job, run, lambda: (read_json(run / "status.json") or {}).get("state") == "finished", requeue_ceiling(),
+             "the requeued job to finish")
+    assert wait_job(job, run, lambda: ended(job), JOB_CEILING, "the job to end") == "COMPLETED", job_log(run, job)
 
     kinds = [(e["event"], e.get("restart")) for e in events(run)]
     assert kinds == [("submit", None), ("start", 0), ("signal", 0), ("requeue", 0), ("start", 1), ("end", 1)], job_log(run, job)
@@ -79,9 +84,9 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slu
 def test_a_job_that_fails_is_not_requeued_even_when_signalled(slurm_cluster, tmp_path, capsys):
     cfg, run = standin_config(tmp_path, "crash", env={"STANDIN_HOLD_AT": "3", "STANDIN_CRASH_ON_SIGNAL": "1"})
     job = submit(capsys, "--config", str(cfg))
-    wait_until(lambda: last_step(run) == 2, 120, "the run to reach step 2")
+    wait_job(job, run, lambda: last_step(run) == 2, JOB_CEILING, "the run to reach step 2")
     signal_batch(job)
-    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run, job)
+    assert wait_job(job, run, lambda: ended(job), JOB_CEILING, "the job to end") == "FAILED", job_log(run, job)
     assert [e["event"] for e in events(run)] == ["submit", "start", "signal", "end"], job_log(run, job)
     assert events(run)[-1]["state"] == "failed"
     assert job_field(job, "Restarts") == "0", job_log(run, job)
@@ -90,7 +95,7 @@ def test_a_job_that_fails_is_not_requeued_even_when_signalled(slurm_cluster, tmp
 def test_a_job_whose_command_fails_is_not_requeued(slurm_cluster, tmp_path, capsys):
     cfg, run = standin_config(tmp_path, "broken", entry_module="no_such_module_here")
     job = submit(capsys, "--config", str(cfg))
-    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED"
+    assert wait_job(job, run, lambda: ended(job), JOB_CEILING, "the job to end") == "FAILED"
     assert [e["event"] for e in events(run)] == ["submit", "start", "end"]
     assert events(run)[-1]["state"] == "none" and events(run)[-1]["exit"] != 0
     assert job_field(job, "Restarts") == "0"
@@ -99,9 +104,9 @@ def test_a_job_whose_command_fails_is_not_requeued(slurm_cluster, tmp_path, caps
 def test_no_requeue_beyond_max_requeues(slurm_cluster, tmp_path, capsys):
     cfg, run = standin_config(tmp_path, "capped", env={"STANDIN_HOLD_AT": "3"}, max_requeues=0)
     job = submit(capsys, "--config", str(cfg))
-    wait_until(lambda: last_step(run) == 2, 120, "the run to reach step 2")
+    wait_job(job, run, lambda: last_step(run) == 2, JOB_CEILING, "the run to reach step 2")
     signal_batch(job)
-    assert wait_until(lambda: ended(job), 120, "the job to end") == "FAILED", job_log(run, job)
+    assert wait_job(job, run, lambda: ended(job), JOB_CEILING, "the job to end") == "FAILED", job_log(run, job)
     end = events(run)[-1]
     assert end["event"] == "end" and end["state"] == "preempted" and "max_requeues" in end["reason"]
     assert read_json(run / "status.json")["state"] == "preempted"  # resumable by submitting again

@@ -76,7 +76,10 @@ def test_four_nodes_eight_gpus_line_by_line():
         "-m ldm_train.cli",
         'train --config "$LDM_CONFIG" $LDM_FIRST_START_ARGS',
     ]
-    assert 'StartTime=now+5' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # no `scontrol update StartTime=...` after the requeue: it races the job's end (issue 14)
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in code if "scontrol update" in line or "StartTime" in line]
 
 
 @pytest.mark.parametrize("node", [0, 1, 3])

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MICRO, REPO, copy_run
+from waiting import poll_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -80,7 +80,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in family:
         p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=60)
+    psutil.wait_procs(family, timeout=120)
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -141,9 +141,7 @@ def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy, extra
     cut = copy_run(micro_run, tmp_path / "cut")
     proc = subprocess.Popen(train_cmd(cut, *common), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mark = cut / "checkpoints" / f"step-{n:07d}"
-    deadline = time.monotonic() + 300
-    while not mark.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll_until(lambda: mark.is_dir() or proc.poll() is not None, 300, f"{mark.name} (or the run's end)", interval=0.01)
     kill_tree(proc)
     assert mark.is_dir()
     for later in (cut / "checkpoints").glob("step-*"):
@@ -165,9 +163,7 @@ def test_sigusr1_checkpoints_exits_and_resumes_exactly(micro_run, tmp_path):
     cut = copy_run(micro_run, tmp_path / "cut")
     proc = subprocess.Popen(train_cmd(cut, *common), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = cut / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll_until(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, 300, "two logged steps", interval=0.01)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
     status = json.loads((cut / "status.json").read_text())
