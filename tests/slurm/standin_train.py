@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 signalled = threading.Event()
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def on_signal(signum, frame):
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
     run, steps, every = Path(cfg["run"]["dir"]), cfg["train"]["steps"], cfg["train"]["checkpoint_every"]
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in SIGNALS:
         signal.signal(sig, on_signal)
     state = latest(run)
     step, value = state["step"], state["value"]
@@ -67,8 +68,14 @@ def main(argv: list[str]) -> int:
         run.mkdir(parents=True, exist_ok=True)
         write_status(run, "running", step)
     while step < steps:
-        if step == hold:
-            signalled.wait()  # no ceiling: the test signals, or the cluster's stop cancels the job
+        if step == hold:  # no ceiling: the test signals, or the cluster's stop cancels the job
+            # Take the signal with sigwait while it is blocked, rather than Event.wait(): a handler
+            # that sets the Event while this thread holds the Event's lock (entering wait) deadlocks.
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            if not signalled.is_set():
+                signal.sigwait(SIGNALS)
+                signalled.set()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         value = (value * 1_000_003 + step + 1) % (2**61 - 1)  # each step depends on all before it
         step += 1
         if rank0:
