@@ -21,18 +21,20 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
-signalled = threading.Event()
+# The handler only appends to a list: a lock taken in a handler (Event.set) deadlocks when a second
+# signal's handler runs nested inside the first (Slurm signals every process of the step and
+# torchrun forwards the same signal again, milliseconds apart).
+received: list[int] = []
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def on_signal(signum, frame):
-    signalled.set()
+    received.append(signum)
 
 
 def latest(run: Path) -> dict:
@@ -69,19 +71,16 @@ def main(argv: list[str]) -> int:
         write_status(run, "running", step)
     while step < steps:
         if step == hold:  # no ceiling: the test signals, or the cluster's stop cancels the job
-            # Take the signal with sigwait while it is blocked, rather than Event.wait(): a handler
-            # that sets the Event while this thread holds the Event's lock (entering wait) deadlocks.
-            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-            if not signalled.is_set():
-                signal.sigwait(SIGNALS)
-                signalled.set()
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # from here a signal waits for sigwait
+            if not received:
+                received.append(signal.sigwait(SIGNALS))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         value = (value * 1_000_003 + step + 1) % (2**61 - 1)  # each step depends on all before it
         step += 1
         if rank0:
             with (run / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": "train", "step": step - 1, "loss": 1.0 / step}) + "\n")
-        if signalled.is_set():
+        if received:
             if os.environ.get("STANDIN_CRASH_ON_SIGNAL") == "1":
                 if rank0:
                     write_status(run, "failed", step)
