@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         torch.manual_seed(0)
         vae_cfg = load_config(SD15_CONFIG).autoencoder if args.vae == "sd" else AutoencoderConfig()
         vae = build_vae(vae_cfg).to(device, DTYPES[args.dtype]).eval()
-    text = (sd15_text_encoder(tmp / "tokenizer") if args.text == "sd15" else prepare_text(TextConfig(), tmp / "text")).to(device)
+    text = (sd15_text_encoder(tmp / "tokenizer") if args.text == "sd15" else prepare_text(TextConfig(pretrained=None), tmp / "text")).to(device)
     pixels = torch.stack([preprocess(im, args.res) for _, im, _, _ in samples]).to(device)
     captions = [c for _, _, c, _ in samples]
     batches = range(0, args.n, args.batch)

@@ -77,6 +77,9 @@ write_conf() {
 ClusterName=ldmlocal
 SlurmctldHost=$head
 SlurmctldPort=$ctld_port
+# Job ids (and so the jobs' rendezvous ports, slurm.port + id % 1000) start at a place of this
+# cluster's own, so that two local clusters on one machine do not hand out the same ports.
+FirstJobId=$(( 100 + ctld_port % 800 ))
 SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root

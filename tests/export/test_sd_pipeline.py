@@ -59,7 +59,7 @@ def pipe(sd_dir):
 
 def tiny_tower(tmp_path, name: str, **text_cfg) -> TextEncoder:
     """An in-memory open_clip CLIP with the micro text tower, varied by ``text_cfg``."""
-    cfg = tiny_clip_config(TextConfig(width=32, layers=2, heads=2, context_length=16))
+    cfg = tiny_clip_config(TextConfig(width=32, layers=2, heads=2, context_length=16, pretrained=None))
     quick = text_cfg.pop("quick_gelu", False)
     cfg["text_cfg"].update(text_cfg)
     (tmp_path / f"{name}.json").write_text(json.dumps({**cfg, "quick_gelu": quick}))
@@ -209,7 +209,8 @@ def test_penultimate_tower_converts_at_cut_depth(micro_run, tmp_path):
     """SD 2.x's layout: the CLIPTextModel has one layer fewer and diffusers' plain encode_prompt
     gives our penultimate-layer states."""
     t = micro_run.cfg.text
-    cfg = TextConfig(width=t.width, heads=t.heads, context_length=t.context_length, layers=3, layer="penultimate")
+    cfg = TextConfig(width=t.width, heads=t.heads, context_length=t.context_length, layers=3, layer="penultimate",
+                     pretrained=None)
     text = prepare_text(cfg, tmp_path / "text")
     assert clip_text_config(text).num_hidden_layers == 2
     export = _export_with_text(micro_run, tmp_path, lambda root: save_text_components(text, root))
