@@ -136,7 +136,8 @@ def test_a_second_save_waits_for_the_first_and_writer_errors_reach_the_loop(micr
     monkeypatch.setattr(ck, "begin_save", begin_save)
     monkeypatch.setattr(loop_module, "save_training_state", save)
     with pytest.raises(RuntimeError, match="a bug in the writer"):
-        loop(micro_run, micro_latents, tmp_path / "run", steps=8, checkpoint_every=2, tensorboard=False)
+        loop(micro_run, micro_latents, tmp_path / "run", steps=8, checkpoint_every=2, tensorboard=False,
+             async_save=True)
     assert events[:4] == [
         ("save", 2, []), ("begin", 2, []),
         ("save", 4, []),  # trained on to step 4 while step 2 was still being written
