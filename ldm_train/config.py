@@ -506,7 +506,7 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     """Optimisation of the denoiser."""
 
-    steps: int = Field(2000, ge=0, description="optimizer steps")
+    steps: int = Field(1800, ge=0, description="optimizer steps")
     batch_size: int = Field(
         32, gt=0, description="samples per optimizer step on each rank (before gradient accumulation)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after the warm-up; then train.lr_schedule)")
