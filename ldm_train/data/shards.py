@@ -152,7 +152,7 @@ def expand_shards(spec: str) -> list[str]:
         return tars
     if "{" in spec:
         urls = list(braceexpand.braceexpand(spec))
-        missing = [u for u in urls if not Path(u).is_file()]
+        missing = [u for u in urls if not _is_local_shard(Path(u))]
         if missing:
             raise DataError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing from {spec})")
         return urls
@@ -161,9 +161,14 @@ def expand_shards(spec: str) -> list[str]:
         if not urls:
             raise DataError(f"no shards match {spec}")
         return urls
-    if not path.is_file():
+    if not _is_local_shard(path):
         raise DataError(f"shard not found: {path}")
     return [str(path)]
+
+
+def _is_local_shard(path: Path) -> bool:
+    """A file, or a named pipe that another process streams a tar into."""
+    return path.is_file() or path.is_fifo()
 
 
 def _check_key(key: str, seen: set[str]) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,19 @@ def test_pipe_url_is_read(tmp_path):
     got = list(iter_samples(f"pipe:cat {path}", RES, SkipReport()))
     assert [s["key"] for s in got] == ["000000", "000001", "000002"]
     assert got[0]["shard"] == f"pipe:cat {path}"
+
+
+def test_named_pipe_is_a_local_shard(tmp_path):
+    """A FIFO that another process streams a tar into reads like the file itself."""
+    (path,) = write_shards(make_samples(3), tmp_path / "src", "p", shard_size=10)
+    fifo = tmp_path / "p.tar"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    feeder.start()
+    got = list(iter_samples(str(fifo), RES, SkipReport()))
+    feeder.join()
+    assert [s["key"] for s in got] == ["000000", "000001", "000002"]
+    assert expand_shards(str(tmp_path / "*.tar")) == [str(fifo)]
 
 
 def test_failed_pipe_is_data_error_but_early_stop_is_not(tmp_path):

@@ -63,23 +63,31 @@ def outputs(run_dir):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_result(setup, tmp_path):
+    """The kill lands at a point fixed by the data, not by timing: input shard 1 is swapped for a
+    FIFO that no one writes, so the encoder finishes shard 0 and then blocks opening shard 1."""
     root, overrides = setup
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "ldm_train.cli", *command(root, overrides, run_dir)]
     done = run_dir / "latents" / "train" / "encode_progress" / "done"
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        # wait for an observable event (the first finished input shard), then kill -9 at once
-        def shard_done() -> bool:
-            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-            return done.is_dir() and any(done.iterdir())
+    shard1 = sorted((root / "data" / "train").glob("*.tar"))[1]
+    shard1.rename(shard1.with_name("held.bin"))
+    os.mkfifo(shard1)
+    try:
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
 
-        poll_until(shard_done, 300, "encode to finish an input shard", interval=0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+            def shard0_done() -> bool:
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                return (done / "000000.json").is_file()
+
+            poll_until(shard0_done, 300, "encode to finish input shard 0")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        shard1.unlink()
+        shard1.with_name("held.bin").rename(shard1)
     assert proc.returncode == -signal.SIGKILL
-    finished = len(list(done.glob("*.json")))
-    assert 0 < finished < N_SHARDS, "the kill should land mid-run"
+    assert sorted(p.name for p in done.glob("*.json")) == ["000000.json"]  # killed mid-run
     assert not (run_dir / "latents" / "train" / "manifest.json").exists()
     rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
