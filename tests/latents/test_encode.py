@@ -106,7 +106,9 @@ def test_cached_values_match_the_models(encoded, source, models):
     torch.testing.assert_close(data.mean[:4].float(), mean.half().float())
     torch.testing.assert_close(data.std[:4].float(), std.half().float())
     context = text([s[2] for s in samples[:4]])
-    torch.testing.assert_close(data.context[:4].float(), context.half().float())
+    # the encoder ran batches of 3, this batch of 4: attention's fp32 sums may differ at ~1e-6
+    # with the batch (CPU kernels split by shape), which can flip one fp16 rounding: one ulp
+    torch.testing.assert_close(data.context[:4].float(), context.half().float(), rtol=2**-10, atol=1e-5)
     torch.testing.assert_close(data.null_context.float(), text([""])[0].half().float())
 
 

@@ -94,8 +94,9 @@ def test_different_captions_different_embeddings(tower):
     out = encoder(["red heart", "fire", "red heart"])
     assert not torch.allclose(out[0], out[1])
     assert torch.equal(out[0], out[2])
-    # a caption's embedding does not depend on the rest of the batch
-    assert torch.allclose(encoder(["red heart"])[0], out[0], atol=1e-6)
+    # a caption's embedding does not depend on the rest of the batch, up to fp32 summation order
+    # (CPU attention kernels split their sums by shape: ~2e-6 on some CPUs, 0 on others)
+    torch.testing.assert_close(encoder(["red heart"])[0], out[0], rtol=1e-5, atol=1e-5)
 
 
 def test_prepare_leaves_caller_rng_untouched(tmp_path):
