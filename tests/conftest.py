@@ -119,3 +119,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("multiprocess") or "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+def pytest_collection_finish(session):
+    """Refuse to run when the grouping above did not take: pytest-xdist's loadgroup tags each node
+    id with its group, which pytest 9 no longer reads (hence ``pytest<9`` in the dev extra); the
+    multi-process tests would then run two at a time without anyone noticing."""
+    if not session.config.getoption("loadgroup", False):  # what pytest-xdist sets on its workers
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): "
+                                f"pytest {pytest.__version__} and this pytest-xdist do not work together")
