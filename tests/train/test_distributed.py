@@ -125,9 +125,9 @@ def test_nan_on_one_rank_skips_the_step_on_both(micro_run, tmp_path, strategy):
     assert r0["weights_checksum"] == r1["weights_checksum"]
 
 
-@pytest.mark.parametrize("strategy, extra", [(s, ()) for s in STRATEGIES] + [
-    ("zero2", ("distributed.mixed_precision=bf16", "distributed.gradient_accumulation_steps=2")),
-], ids=[*STRATEGIES, "zero2-bf16-accum2"])
+@pytest.mark.parametrize("strategy, extra", [("ddp", ()), ("zero3", ()), (  # ZeRO-2 runs with bf16 and accumulation
+    "zero2", ("distributed.mixed_precision=bf16", "distributed.gradient_accumulation_steps=2")),
+], ids=["ddp", "zero3", "zero2-bf16-accum2"])
 def test_resume_after_kill_is_bitwise_exact(micro_run, tmp_path, strategy, extra):
     """2N steps in one go == N steps, kill -9, resume for N more: weights, EMA and optimizer
     state bit for bit. The kill lands after checkpoint N; on-disk, anything later is what a kill
