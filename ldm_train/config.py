@@ -158,7 +158,7 @@ class DataConfig(Section):
 class VAETrainConfig(Section):
     """``ldm-train train-vae``: how the autoencoder is trained."""
 
-    steps: int = Field(1000, ge=0, description="optimizer steps of train-vae")
+    steps: int = Field(700, ge=0, description="optimizer steps of train-vae")
     batch_size: int = Field(32, gt=0, description="images per step")
     crop: int | None = Field(
         32, description="train on random crops of this size (fully convolutional); null = whole images")
@@ -506,7 +506,7 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     """Optimisation of the denoiser."""
 
-    steps: int = Field(1800, ge=0, description="optimizer steps")
+    steps: int = Field(1500, ge=0, description="optimizer steps")
     batch_size: int = Field(
         32, gt=0, description="samples per optimizer step on each rank (before gradient accumulation)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after the warm-up; then train.lr_schedule)")
