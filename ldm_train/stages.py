@@ -15,6 +15,7 @@ Where things go (``{run}`` = ``run.dir``)::
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -194,7 +195,10 @@ def train_stage(cfg: Config, overwrite: bool) -> dict:
         raise
     except BaseException as e:
         if accelerator.is_main_process:
-            write_status(run, "failed", latest_step(ckpts), reason=f"{type(e).__name__}: {e}"[:500])
+            try:
+                write_status(run, "failed", latest_step(ckpts), reason=f"{type(e).__name__}: {e}"[:500])
+            except OSError as status_error:  # a full disk: the run's own error is the one to see
+                print(f"train: could not record the failure in {run / 'status.json'}: {status_error}", file=sys.stderr)
         raise
     finally:
         accelerator.end_training()  # destroys the process group: DeepSpeed's CPU comm aborts at exit otherwise

@@ -56,6 +56,7 @@ from .ema import EMA, consolidate
 
 PREFIX = "step-"
 DIGEST = "sha256"
+FULL_BELOW = 1 << 20  # bytes free under which a write failure with no errno is taken for a full disk
 log = logging.getLogger(__name__)
 
 
@@ -91,10 +92,21 @@ def writing(path: Path):
             cause = cause.__cause__ or cause.__context__
         code = cause.errno if cause is not None else None
         found = re.search(r"os error (\d+)", str(e))
-        code = code or (int(found.group(1)) if found else None)
+        code = code or (int(found.group(1)) if found else None) or _full_disk(path)
         if code is None:
             raise
         raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def _full_disk(path: Path) -> int | None:
+    """ENOSPC if the filesystem of ``path`` has (almost) no room left. torch.save to a file name
+    writes through a C++ stream that reports a full disk as ``RuntimeError("basic_ios::clear:
+    iostream error")`` or ``"... unexpected pos ..."``, with no errno anywhere (DeepSpeed's
+    checkpoint engine saves that way); the filesystem itself says why."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return errno.ENOSPC if shutil.disk_usage(where).free < FULL_BELOW else None
 
 
 def file_digest(path: Path) -> dict:

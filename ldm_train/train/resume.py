@@ -23,7 +23,7 @@ from . import reshard
 from .async_save import CheckpointWriter, SaveJob, frozen_ema, host_copy
 from .ema import EMA
 from .lora import has_adapter, load_adapter, rank_alpha, select_adapter
-from .strategy import is_deepspeed
+from .strategy import any_rank_true, is_deepspeed
 
 DS_TAG = "state"
 
@@ -68,11 +68,8 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
     acc, step = parts.accelerator, parts.counters.step
     writer = writer or CheckpointWriter(acc.num_processes, asynchronous=False)
     writer.wait()  # the previous save is published before this one starts
-    if acc.is_main_process:
-        ck.begin_save(ckpt_root, step)
-    acc.wait_for_everyone()
-    tmp = ck.step_dir(ckpt_root, step, tmp=True)
     deepspeed = is_deepspeed(acc)
+    tmp = _begin(acc, ckpt_root, step, deepspeed)
     adapter = has_adapter(acc.unwrap_model(parts.model))
     written, failed = [], None
     if deepspeed:  # every rank writes its partition; a LoRA's frozen base is rebuilt on resume, not saved
@@ -81,6 +78,9 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
                 parts.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=adapter)
         except OSError as e:  # a full disk: the commit tells every rank, and removes the partial save
             failed = ck.write_failure(e)
+            # save_checkpoint's writes all come after its other collectives and before its closing
+            # barrier, where the ranks that wrote wait: meet them there (else they hang)
+            acc.wait_for_everyone()
         acc.wait_for_everyone()  # all of DeepSpeed's files are there: each rank digests its own
         written = [] if failed else ck.owned_files(tmp, acc.process_index, acc.num_processes, under="deepspeed")
     weights = acc.get_state_dict(parts.model)  # a collective under ZeRO-3 (gathered to rank 0)
@@ -101,6 +101,26 @@ def save_training_state(parts: TrainParts, ckpt_root: Path, keep_last: int, mile
                 state["grad_scaler"] = acc.scaler.state_dict()
         job.state = host_copy(state, copy)
     return writer.submit(job)
+
+
+def _begin(acc: Accelerator, ckpt_root: Path, step: int, deepspeed: bool) -> Path:
+    """Rank 0 creates ``step-N.tmp`` (and DeepSpeed's folder in it, so that save_checkpoint's own
+    ``makedirs``, which come before its collectives, cannot fail on one rank); all ranks learn
+    together whether that worked."""
+    tmp, failed = ck.step_dir(ckpt_root, step, tmp=True), None
+    if acc.is_main_process:
+        try:
+            ck.begin_save(ckpt_root, step)
+            if deepspeed:
+                (tmp / "deepspeed" / DS_TAG).mkdir(parents=True)
+        except OSError as e:
+            failed = ck.write_failure(e)
+            ck.discard_save(ckpt_root, step)
+    if any_rank_true(failed is not None, acc):  # also the barrier: the folder exists for every rank
+        raise ck.CheckpointWriteError(
+            f"checkpoint of step {step} not saved (rank 0: {failed or 'see its error'}); the previous checkpoint "
+            f"under {ckpt_root} is intact: free space there and re-run to resume")
+    return tmp
 
 
 def adapter_metadata(module: torch.nn.Module) -> dict[str, str]:
