@@ -5,6 +5,7 @@ removes the partial save and leaves the previous checkpoint intact and resumable
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -19,7 +20,7 @@ from ldm_train.train import checkpoint as ck
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("strategy, async_save", [("zero2", False)], ids=["zero2"])
+@pytest.mark.parametrize("strategy, async_save", [("zero2", False), ("ddp", True)], ids=["zero2", "ddp-async"])
 def test_a_disk_that_fills_up_during_a_two_rank_save(micro_run, tmp_path, small_disk, strategy, async_save):  # noqa: F811
     """Room for the checkpoint of step 2 and half another: the save of step 4 runs out of space."""
     common = ["train.steps=4", "train.checkpoint_every=2", "train.tensorboard=false", "train.keep_checkpoints=3",
@@ -31,8 +32,12 @@ def test_a_disk_that_fills_up_during_a_two_rank_save(micro_run, tmp_path, small_
     run = copy_run(micro_run, disk / "run")
 
     proc = subprocess.run(train_cmd(run, *common), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env())
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ldm-train train: error:")]
-    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-4000:]  # one line from each rank, no hang
+    # one line from each rank that gets to print it: a line may follow a progress bar's last "\r"
+    # frame, and torchrun SIGTERMs the other rank as soon as one exits with its error, so whether
+    # the second line appears is a race. No hang: the timeout; no rank's traceback: no frame of ours.
+    errors = re.findall(r"ldm-train train: error: [^\r\n]*", proc.stderr)
+    assert proc.returncode != 0 and 1 <= len(errors) <= 2, proc.stderr[-4000:]
+    assert not re.search(r'File "[^"]*ldm_train[/\\]', proc.stderr), proc.stderr[-4000:]
     for line in errors:
         assert "step 4 not saved" in line and "no space left on device (ENOSPC)" in line, line
         assert "step-0000004.tmp" in line and "the previous checkpoint" in line, line
