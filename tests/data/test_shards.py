@@ -182,10 +182,13 @@ def test_named_pipe_is_a_local_shard(tmp_path):
     (path,) = write_shards(make_samples(3), tmp_path / "src", "p", shard_size=10)
     fifo = tmp_path / "p.tar"
     os.mkfifo(fifo)
-    feeder = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    # a daemon: if the reader never opens the FIFO, the writer's open() blocks forever and must not
+    # keep the test process alive; the join has a ceiling and says what it saw
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()), daemon=True)
     feeder.start()
     got = list(iter_samples(str(fifo), RES, SkipReport()))
-    feeder.join()
+    feeder.join(timeout=120)
+    assert not feeder.is_alive(), f"the feeder is still writing {fifo} 120 s after the reader finished"
     assert [s["key"] for s in got] == ["000000", "000001", "000002"]
     assert expand_shards(str(tmp_path / "*.tar")) == [str(fifo)]
 
